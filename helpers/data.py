@@ -1,0 +1,115 @@
+"""Subject photos: loading with clear errors, EXIF orientation, RGB conversion, size checks, augmentation, demo data."""
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ProjectConfig, Subject
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+MIN_PHOTOS_ADVISED = 3
+
+
+class SubjectDataError(ValueError):
+    """A subject's photos cannot be used; the message names the file or folder and what to do."""
+
+
+def subject_photo_paths(folder: Path, subject_name: str) -> list[Path]:
+    if not folder.is_dir():
+        raise SubjectDataError(f"subject {subject_name!r}: photo folder {folder} does not exist. Create it and put "
+                               f"3-20 photos of the subject in it.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise SubjectDataError(f"subject {subject_name!r}: photo folder {folder} has no images "
+                               f"({', '.join(sorted(IMAGE_SUFFIXES))}). Add 3-20 photos of the subject.")
+    return paths
+
+
+def load_photo(path: Path, min_size: int) -> Image.Image:
+    """One photo as upright RGB; rejects unreadable files and photos smaller than ``min_size`` on their short side."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = ImageOps.exif_transpose(im)  # phones store portrait shots sideways plus an EXIF flag
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise SubjectDataError(f"{path}: cannot read this image ({type(e).__name__}: {e}). Replace or remove it.") \
+            from None
+    image = _to_rgb(image)
+    if min(image.size) < min_size:
+        raise SubjectDataError(f"{path}: {image.width}x{image.height} px is too small; the short side needs at least "
+                               f"{min_size} px. Use a larger photo.")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white, not black
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # CMYK, L, I;16, P, YCbCr ...
+
+
+def load_subject_photos(config: ProjectConfig, subject: Subject, min_size: int | None = None) -> list[Image.Image]:
+    """All usable photos of ``subject``; warns when there are fewer than three (identity will be weak)."""
+    min_size = min_size if min_size is not None else min(config.train_resolution, 256)
+    paths = subject_photo_paths(config.data_path(subject), subject.name)
+    photos = [load_photo(p, min_size) for p in paths]
+    if len(photos) < MIN_PHOTOS_ADVISED:
+        warnings.warn(f"subject {subject.name!r} has only {len(photos)} photo(s); 3-20 varied photos give a LoRA "
+                      f"that keeps the identity without copying one picture.")
+    return photos
+
+
+def augment(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    """Random square crop (80-100 % of the short side) and horizontal flip, resized to ``size``."""
+    short = min(image.size)
+    crop = int(short * rng.uniform(0.8, 1.0))
+    left = rng.randint(0, image.width - crop)
+    top = rng.randint(0, image.height - crop)
+    out = image.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    return ImageOps.fit(image, (size, size), Image.BICUBIC)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# demo subjects from scikit-image's bundled photos
+# ----------------------------------------------------------------------------------------------------------------
+# (left, top, right, bottom) as fractions of the photo, and whether to mirror: several distinct views per subject.
+DEMO_VIEWS = {
+    "cat": ("chelsea", [((0.10, 0.00, 0.85, 1.00), False), ((0.20, 0.05, 0.80, 0.95), True),
+                        ((0.05, 0.00, 0.75, 1.00), False), ((0.25, 0.00, 0.95, 1.00), True)]),
+    "mug": ("coffee", [((0.05, 0.00, 0.80, 1.00), False), ((0.15, 0.05, 0.85, 0.95), True),
+                       ((0.00, 0.00, 0.70, 0.95), True), ((0.20, 0.00, 0.95, 1.00), False)]),
+}
+
+
+def make_demo_subjects(data_dir: Path, size: int = 256, overwrite: bool = False) -> list[Path]:
+    """Write the demo cat and mug photos (crops/flips of scikit-image's chelsea.png and coffee.png)."""
+    import skimage.data
+
+    written = []
+    for name, (photo, views) in DEMO_VIEWS.items():
+        source = Image.fromarray(np.asarray(getattr(skimage.data, photo)()))
+        folder = Path(data_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (box, mirror) in enumerate(views):
+            target = folder / f"{name}_{i}.jpg"
+            if target.exists() and not overwrite:
+                continue
+            w, h = source.size
+            view = source.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
+            view = center_square(view, size)
+            if mirror:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            tmp = target.with_name(f".{target.name}.tmp")
+            view.save(tmp, format="JPEG", quality=92)
+            tmp.replace(target)
+            written.append(target)
+    return written

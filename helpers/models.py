@@ -1,0 +1,391 @@
+"""Model profiles -> one bundle of SDXL pipelines that share their components.
+
+* ``tiny``: the SDXL classes at toy size with seeded random weights, built offline in seconds, saved once with
+  ``save_pretrained`` and always loaded back with ``from_pretrained`` (the real loading path).
+* ``sdxl``: the hub weights (fp16 on CUDA) with the fp16-fixed VAE; fails fast with one line when it cannot load.
+* ``sdxl-random``: the full-size SDXL architecture with random weights, for speed and memory benchmarks only.
+
+Knows nothing of layouts, LoRA training or QA.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ProjectConfig
+
+SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
+TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny architecture changes, so stale caches are rebuilt
+TINY_SEED = 1234
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+SCHEDULER_CONFIG = dict(  # SDXL base's scheduler_config.json
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+
+
+class ModelUnavailableError(RuntimeError):
+    """The requested weights cannot be loaded here; the message says what to do."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/inf appeared where the NaN guard cannot repair it."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundle
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class DecodeStats:
+    decodes: int = 0
+    float32_fallbacks: int = 0
+
+
+@dataclass
+class ModelBundle:
+    """Text-to-image and inpainting pipelines over one set of components (one UNet in memory)."""
+
+    profile: str
+    txt2img: "StableDiffusionXLPipeline"  # noqa: F821
+    inpaint: "StableDiffusionXLInpaintPipeline"  # noqa: F821
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)
+
+    @property
+    def unet(self):
+        return self.txt2img.unet
+
+    @property
+    def vae(self):
+        return self.txt2img.vae
+
+    def generator(self, seed: int) -> torch.Generator:
+        # A CPU generator draws the same noise on every device, so a seed means the same picture on CPU and GPU.
+        return torch.Generator("cpu").manual_seed(int(seed))
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents -> PIL images through the NaN guard (every decode in the project goes through here)."""
+        images = decode_latents(self.vae, latents, self.decode_stats)
+        return tensor_to_pil(images)
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.unet.parameters()) / 1e6
+        return (f"profile={self.profile} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
+                f"unet={n_params:.1f}M params source={self.source}")
+
+
+def quiet_libraries() -> None:
+    """Keep notebook output readable: library progress bars and info chatter off, warnings and errors on."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+def load_models(config: ProjectConfig, device: str | torch.device | None = None) -> ModelBundle:
+    """Build the pipelines of ``config.profile``; the inpainting pipeline shares every component (``from_pipe``)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    quiet_libraries()
+    device = torch.device(device) if device else default_device()
+    if config.profile == "tiny":
+        folder = ensure_tiny_pipeline(config.cache_path)
+        txt2img, dtype, source = _load_pipeline_dir(folder, device, torch.float32), torch.float32, str(folder)
+    elif config.profile == "sdxl":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            warnings.warn("profile 'sdxl' without CUDA runs in float32 on the CPU: minutes per image.")
+        txt2img, source = load_sdxl_pipeline(dtype), SDXL_BASE_ID
+        txt2img.to(device)
+    elif config.profile == "sdxl-random":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        txt2img, source = build_sdxl_random_pipeline(device, dtype), "random full-size SDXL architecture"
+    else:
+        raise ValueError(f"ProjectConfig.profile: cannot load models for {config.profile!r}")
+    txt2img.set_progress_bar_config(disable=True)
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img)
+    inpaint.set_progress_bar_config(disable=True)
+    return ModelBundle(config.profile, txt2img, inpaint, device, dtype, source)
+
+
+def model_source(profile: str) -> str:
+    """Names the base weights of a profile (part of a LoRA's training fingerprint)."""
+    return {"tiny": TINY_VERSION, "sdxl": f"{SDXL_BASE_ID}+{SDXL_VAE_FP16_FIX_ID}",
+            "sdxl-random": "sdxl-random"}[profile]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_pipeline_dir(folder: Path, device: torch.device, dtype: torch.dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True, add_watermarker=False)
+    return pipe if device.type == "cpu" else pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN guard
+# ----------------------------------------------------------------------------------------------------------------
+def decode_latents(vae, latents: torch.Tensor, stats: DecodeStats | None = None) -> torch.Tensor:
+    """Decode scaled latents to images in [0, 1] (B, 3, H, W, float32), retrying in float32 on NaN/inf.
+
+    The original SDXL VAE overflows in fp16 and returns black/NaN images; the fp16-fix VAE avoids that, and this guard
+    catches whatever slips through (another VAE, an unlucky input) by decoding once more in float32.
+    """
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError("the diffusion latents contain NaN/inf before decoding: the UNet diverged. Use float32 "
+                             "(or bfloat16), a lower guidance scale, or check the LoRA weights.")
+    stats = stats if stats is not None else DecodeStats()
+    stats.decodes += 1
+    scaled = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(scaled.to(vae.device, vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(image).all():
+            if vae.dtype == torch.float32:
+                raise NonFiniteError("the VAE decode returned NaN/inf even in float32: the VAE weights are broken.")
+            warnings.warn(f"VAE decode in {vae.dtype} produced NaN/inf; decoded again in float32 (NaN guard).")
+            stats.float32_fallbacks += 1
+            original_dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(scaled.to(vae.device, torch.float32), return_dict=False)[0]
+            finally:
+                vae.to(original_dtype)
+            if not torch.isfinite(image).all():
+                raise NonFiniteError("the VAE decode returned NaN/inf even in float32: the VAE weights are broken.")
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def image_is_finite(image: Image.Image | np.ndarray | torch.Tensor) -> bool:
+    data = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, dtype=np.float32))
+    return bool(torch.isfinite(data).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny profile
+# ----------------------------------------------------------------------------------------------------------------
+def clip_tokenizer(pad_token: str = EOS_TOKEN):
+    """SDXL's CLIP tokenizer rebuilt from the BPE merges that open_clip ships: same vocabulary, same token ids."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
+    return tokenizer
+
+
+def tiny_components() -> dict:
+    """SDXL's classes at toy size; the VAE keeps 4 blocks so the latent is 1/8 of the image, as in SDXL."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_kwargs = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                       pad_token_id=49407, projection_dim=32)
+    torch.manual_seed(TINY_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text_kwargs))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **text_kwargs))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=64, scaling_factor=0.13025, force_upcast=False,
+    )
+    return dict(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet,
+        tokenizer=clip_tokenizer(EOS_TOKEN), tokenizer_2=clip_tokenizer("!"),  # SDXL pads its 2nd tokenizer with "!"
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+def ensure_tiny_pipeline(cache_dir: Path) -> Path:
+    """Build the tiny pipeline once and save it with ``save_pretrained``; later calls reuse the folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(cache_dir) / TINY_VERSION
+    if (folder / "model_index.json").exists():
+        return folder
+    quiet_libraries()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=folder.parent))
+    try:
+        pipe = StableDiffusionXLPipeline(**tiny_components(), add_watermarker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sdxl profile
+# ----------------------------------------------------------------------------------------------------------------
+def hub_token() -> str | None:
+    """HF token from the environment or a Colab secret named HF_TOKEN. Never printed, never logged."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:  # pragma: no cover - only inside Colab
+        from google.colab import userdata  # type: ignore
+
+        return userdata.get("HF_TOKEN")
+    except Exception:
+        return None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _missing_weights_error(repo_id: str, reason: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"cannot load {repo_id!r}: {reason}. Fix: run where huggingface.co is reachable (Colab is), or download it "
+        f"once with `huggingface-cli download {repo_id}` into the HF cache, or use the offline profile "
+        f"(HELPERS_PROFILE=tiny)."
+    )
+
+
+def _from_pretrained(cls, repo_id: str, **kwargs):
+    """``cls.from_pretrained`` from the local cache first; online only when the hub answers within seconds."""
+    token = hub_token()
+    try:
+        return cls.from_pretrained(repo_id, local_files_only=True, token=token, **kwargs)
+    except (OSError, ValueError, EnvironmentError):
+        pass
+    if _hub_offline():
+        raise _missing_weights_error(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, timeout=5, token=token)
+    except Exception as e:  # no network, DNS failure, timeout, gated repo...
+        raise _missing_weights_error(repo_id, f"not cached and the Hub is unreachable ({type(e).__name__})") from None
+    return cls.from_pretrained(repo_id, token=token, **kwargs)
+
+
+def load_sdxl_pipeline(dtype: torch.dtype):
+    """SDXL base with the fp16-fix VAE (the original VAE overflows in fp16 and gives black images)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    variant = "fp16" if dtype == torch.float16 else None
+    vae = _from_pretrained(AutoencoderKL, SDXL_VAE_FP16_FIX_ID, torch_dtype=dtype, use_safetensors=True)
+    return _from_pretrained(StableDiffusionXLPipeline, SDXL_BASE_ID, vae=vae, torch_dtype=dtype, variant=variant,
+                            use_safetensors=True, add_watermarker=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sdxl-random profile (benchmarks): full-size architecture, random weights, no download
+# ----------------------------------------------------------------------------------------------------------------
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32,
+)
+SDXL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=1024, scaling_factor=0.13025, force_upcast=False,
+)
+SDXL_TEXT_CONFIGS = (
+    dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+         hidden_act="quick_gelu", projection_dim=768),
+    dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+         hidden_act="gelu", projection_dim=1280),
+)
+
+
+def _shrink_weights_(module: torch.nn.Module, factor: float) -> None:
+    # Random init grows activations through SDXL's deep residual stacks until fp16 overflows; real weights do not.
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+                sub.weight.mul_(factor)
+
+
+def build_sdxl_random_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The full-size SDXL twin (2.57 B-parameter UNet) with random weights, built directly on ``device``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    common = dict(max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIGS[0], **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_CONFIGS[1], **common))
+    for m in (unet, text_encoder, text_encoder_2):
+        _shrink_weights_(m, 0.5)
+    components = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    for m in components.values():
+        m.to(dtype).eval()
+    return StableDiffusionXLPipeline(
+        **components, tokenizer=clip_tokenizer(EOS_TOKEN), tokenizer_2=clip_tokenizer("!"),
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG), add_watermarker=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment report
+# ----------------------------------------------------------------------------------------------------------------
+def environment_report() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    report = {
+        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__,
+        "device": "cpu", "gpu": "-", "vram_gib": "-",
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        report.update(device="cuda", gpu=props.name, vram_gib=f"{props.total_memory / 2**30:.1f}")
+    return report

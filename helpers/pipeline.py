@@ -1,0 +1,310 @@
+"""Coarse-to-fine generation and the one-pass baseline.
+
+Phase 0 paints a coherent scene with the base model (no LoRA). Phase 1 inpaints each subject into its region with only
+that subject's LoRA active and blends the result back inside the subject's feathered mask, so every pixel outside
+all masks stays exactly the coarse scene's. Never trains, never plots.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ProjectConfig, Subject, write_text_atomic
+from .layout import Layout, MaskSet, masks
+from .models import ModelBundle
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+class MissingLoraError(FileNotFoundError):
+    """A subject has no trained LoRA yet."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adapters
+# ----------------------------------------------------------------------------------------------------------------
+def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
+    """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops)."""
+    loaded = set(adapter_names(models))
+    for subject in config.subjects:
+        if subject.name in loaded:
+            continue
+        folder = config.lora_path(subject)
+        if not (folder / LORA_WEIGHTS_FILE).exists():
+            raise MissingLoraError(f"subject {subject.name!r} has no trained LoRA at {folder / LORA_WEIGHTS_FILE}; "
+                                   f"run notebooks/01_train_subject_loras.ipynb first")
+        models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
+    return adapter_names(models)
+
+
+def adapter_names(models: ModelBundle) -> list[str]:
+    return sorted(getattr(models.unet, "peft_config", {}) or {})
+
+
+def active_adapters(models: ModelBundle) -> list[str]:
+    """Adapters that really change the UNet's output right now ([] when LoRA is disabled or none is loaded)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or all(layer.disable_adapters for layer in layers):
+        return []
+    active = layers[0].active_adapters
+    return sorted(active if isinstance(active, list) else [active])
+
+
+@contextmanager
+def only_adapter(models: ModelBundle, name: str | None) -> Iterator[None]:
+    """Exactly one subject's adapter active (``None``: none at all) for the duration of the block."""
+    loaded = adapter_names(models)
+    if name is not None and name not in loaded:
+        raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {loaded or 'none'}); call "
+                               f"load_subject_loras first")
+    try:
+        if loaded:
+            if name is None:
+                models.txt2img.disable_lora()
+            else:
+                models.txt2img.enable_lora()
+                models.txt2img.set_adapters([name], adapter_weights=[1.0])
+        yield
+    finally:
+        if loaded:
+            models.txt2img.enable_lora()
+
+
+@contextmanager
+def all_adapters(models: ModelBundle) -> Iterator[None]:
+    loaded = adapter_names(models)
+    if loaded:
+        models.txt2img.enable_lora()
+        models.txt2img.set_adapters(loaded, adapter_weights=[1.0] * len(loaded))
+    yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+# ----------------------------------------------------------------------------------------------------------------
+def subject_prompt(subject: Subject, config: ProjectConfig) -> str:
+    suffix = f", {config.subject_prompt_suffix}" if config.subject_prompt_suffix else ""
+    return f"{subject.instance_prompt}{suffix}"
+
+
+def combined_prompt(config: ProjectConfig) -> str:
+    """The baseline's single prompt naming every subject by its token."""
+    names = " and ".join(f"{s.token} {s.class_name}" for s in config.subjects)
+    suffix = f", {config.subject_prompt_suffix}" if config.subject_prompt_suffix else ""
+    return f"a photo of {names}{suffix}"
+
+
+def weighted_prompt_embeds(models: ModelBundle, prompt: str, negative_prompt: str, emphasis: list[str],
+                           weight: float) -> dict[str, torch.Tensor]:
+    """SDXL prompt embeddings with the tokens of ``emphasis`` scaled by ``weight`` (the "(word:1.3)" convention).
+
+    Both SDXL tokenizers share one BPE vocabulary, so token positions agree across the two encoders. The scaled
+    embedding is renormalised to its original mean, as A1111 and compel do, so only the relative emphasis changes.
+    """
+    pipe = models.txt2img
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt, device=models.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negative_prompt)
+    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+    positions = set()
+    for word in emphasis:
+        word_ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+        for start in range(len(ids) - len(word_ids) + 1):
+            if word_ids and ids[start:start + len(word_ids)] == word_ids:
+                positions.update(range(start, start + len(word_ids)))
+    if positions and weight != 1.0:
+        original_mean = embeds.float().mean()
+        scale = torch.ones(embeds.shape[1], device=embeds.device, dtype=torch.float32)
+        scale[sorted(positions)] = weight
+        scaled = embeds.float() * scale[None, :, None]
+        embeds = (scaled * (original_mean / scaled.mean())).to(embeds.dtype)
+    return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# result
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SubjectPass:
+    subject: str
+    seed: int
+    strength: float
+    crop_box: tuple[int, int, int, int]
+    active_adapters: list[str]
+    seconds: float
+    prompt: str
+
+
+@dataclass
+class GenerationResult:
+    """Everything a coarse-to-fine run produced; ``stages[i]`` is the image after subject ``i``'s pass."""
+
+    scene_prompt: str
+    seed: int
+    layout: Layout
+    masks: MaskSet
+    coarse: Image.Image
+    passes: list[SubjectPass] = field(default_factory=list)
+    stages: list[Image.Image] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> Image.Image:
+        return self.stages[-1] if self.stages else self.coarse
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(self.coarse, folder / "coarse.png")
+        for i, (p, stage) in enumerate(zip(self.passes, self.stages)):
+            save_image_atomic(stage, folder / f"stage_{i + 1}_{p.subject}.png")
+        save_image_atomic(self.final, folder / "composite.png")
+        summary = {"scene_prompt": self.scene_prompt, "seed": self.seed, "layout": self.layout.to_dict(),
+                   "passes": [asdict(p) for p in self.passes], "seconds": self.seconds}
+        write_text_atomic(folder / "result.json", json.dumps(summary, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, feather: int) -> GenerationResult:
+        folder = Path(folder)
+        if not (folder / "result.json").exists():
+            raise FileNotFoundError(f"no coarse-to-fine result in {folder}; run notebooks/03_coarse_to_fine.ipynb "
+                                    f"first")
+        summary = json.loads((folder / "result.json").read_text())
+        layout = Layout.from_dict(summary["layout"], source=str(folder / "result.json"))
+        coarse = Image.open(folder / "coarse.png").convert("RGB")
+        passes = [SubjectPass(**{**p, "crop_box": tuple(p["crop_box"])}) for p in summary["passes"]]
+        stages = [Image.open(folder / f"stage_{i + 1}_{p.subject}.png").convert("RGB") for i, p in enumerate(passes)]
+        return cls(summary["scene_prompt"], summary["seed"], layout, masks(layout, *coarse.size, feather), coarse,
+                   passes, stages, summary["seconds"])
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# phases
+# ----------------------------------------------------------------------------------------------------------------
+def subject_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """A distinct, reproducible seed per subject and per QA attempt."""
+    return seed + 1000 * (index + 1) + attempt
+
+
+def generate_scene(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int) -> Image.Image:
+    """Phase 0: the whole scene from the base model with every LoRA off."""
+    with only_adapter(models, None), torch.no_grad():
+        latents = models.txt2img(
+            prompt=prompt, negative_prompt=config.negative_prompt, height=config.resolution,
+            width=config.resolution, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            generator=models.generator(seed), output_type="latent").images
+    return models.decode(latents)[0]
+
+
+def crop_box_for(masks_: MaskSet, subject: str, margin: float) -> tuple[int, int, int, int]:
+    """A square box around the subject's mask plus ``margin`` of its size: the inpainting pass sees some context."""
+    ys, xs = np.nonzero(masks_.support[subject])
+    left, right, top, bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = int(round(max(right - left, bottom - top) * (1 + 2 * margin)))
+    side = max(8, min(side, masks_.width, masks_.height))
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    x0 = int(np.clip(round(cx - side / 2), 0, masks_.width - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, masks_.height - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray) -> Image.Image:
+    """``patch`` inside the feathered mask, ``base`` everywhere else (bit-exact where the mask is 0)."""
+    b = np.asarray(base, dtype=np.float32)
+    p = np.asarray(patch, dtype=np.float32)
+    m = soft_mask[..., None]
+    mixed = np.clip(np.round(m * p + (1 - m) * b), 0, 255)
+    return Image.fromarray(np.where(m > 0, mixed, b).astype(np.uint8))
+
+
+def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet, subject: Subject,
+                seed: int, strength: float, prompt: str | None = None,
+                emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
+    """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image."""
+    start = time.perf_counter()
+    prompt = prompt or subject_prompt(subject, config)
+    box = crop_box_for(masks_, subject.name, config.region_margin)
+    size = config.resolution
+    crop = image.crop(box).resize((size, size), Image.LANCZOS)
+    mask_crop = Image.fromarray(masks_.support[subject.name].astype(np.uint8) * 255).crop(box)
+    mask_crop = mask_crop.resize((size, size), Image.NEAREST)
+    with only_adapter(models, subject.name if adapter_names(models) else None), torch.no_grad():
+        adapters_during_pass = active_adapters(models)
+        if emphasis_weight != 1.0:
+            text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
+                                          [subject.token, subject.class_name], emphasis_weight)
+        else:
+            text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
+        latents = models.inpaint(
+            **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
+            num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            generator=models.generator(seed), output_type="latent").images
+    painted = models.decode(latents)[0].resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS)
+    pasted = image.copy()
+    pasted.paste(painted, box[:2])
+    result = blend_in_mask(image, pasted, masks_.soft[subject.name])
+    info = SubjectPass(subject.name, seed, strength, box, adapters_during_pass, time.perf_counter() - start, prompt)
+    return result, info
+
+
+def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, scene_prompt: str | None = None,
+                   seed: int | None = None) -> GenerationResult:
+    """Phase 0 (scene, no LoRA) then Phase 1 (each subject inpainted with only its own LoRA), in layout order."""
+    scene_prompt = scene_prompt or config.scene_prompt
+    seed = config.seed if seed is None else seed
+    check_layout_matches(layout, config)
+    masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
+    total = time.perf_counter()
+    start = time.perf_counter()
+    coarse = generate_scene(models, config, scene_prompt, seed)
+    result = GenerationResult(scene_prompt, seed, layout, masks_, coarse, seconds={"phase0": 0.0})
+    result.seconds["phase0"] = time.perf_counter() - start
+    image = coarse
+    for index, region in enumerate(layout.regions):
+        subject = config.subject(region.subject)
+        image, info = region_pass(models, config, image, masks_, subject, subject_seed(seed, index),
+                                  config.inpaint_strength)
+        result.passes.append(info)
+        result.stages.append(image)
+        result.seconds[f"phase1_{subject.name}"] = info.seconds
+    result.seconds["total"] = time.perf_counter() - total
+    return result
+
+
+def one_pass_baseline(models: ModelBundle, config: ProjectConfig, seed: int | None = None,
+                      prompt: str | None = None) -> Image.Image:
+    """The naive approach: one generation with every subject LoRA active and one combined prompt."""
+    seed = config.seed if seed is None else seed
+    with all_adapters(models), torch.no_grad():
+        latents = models.txt2img(
+            prompt=prompt or combined_prompt(config), negative_prompt=config.negative_prompt,
+            height=config.resolution, width=config.resolution, num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale, generator=models.generator(seed), output_type="latent").images
+    return models.decode(latents)[0]
+
+
+def check_layout_matches(layout: Layout, config: ProjectConfig) -> None:
+    layout_names, config_names = set(layout.subjects), set(config.subject_names)
+    if layout_names != config_names:
+        raise ValueError(f"layout and config name different subjects: only in the layout: "
+                         f"{sorted(layout_names - config_names) or 'none'}; only in the config: "
+                         f"{sorted(config_names - layout_names) or 'none'}. Re-run notebook 02 or fix the config.")
