@@ -260,3 +260,14 @@ def make_config(profile: str = "auto", output_dir: str | None = None, **override
     if "subjects" in changes:
         changes["subjects"] = [s if isinstance(s, Subject) else Subject(**s) for s in changes["subjects"]]
     return base.replace(output_dir=output_dir, **changes)
+
+
+def notebook_config(notebook: str, profile: str = "auto", output_dir: str | None = None,
+                    **overrides: Any) -> ProjectConfig:
+    """A notebook's first step: resolve the profile, build the config, save it for the next notebook, say which
+    profile runs (every notebook prints it)."""
+    config = make_config(profile, output_dir, **overrides)
+    config.save()
+    note = " (random weights: pictures are meaningless, the plumbing is real)" if config.profile != "sdxl" else ""
+    print(f"[{notebook}] profile: {config.profile}{note}; output: {config.output_path}")
+    return config

@@ -179,6 +179,33 @@ def decode_latents(vae, latents: torch.Tensor, stats: DecodeStats | None = None)
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def demonstrate_nan_guard(models: ModelBundle) -> dict[str, object]:
+    """Show the guard at work: a normal decode, then one where a reduced-precision VAE overflows (simulated by
+    turning its decoder output to inf whenever it runs below float32) and the guard re-decodes in float32."""
+    vae = models.vae
+    size = 8 if models.profile == "tiny" else 32
+    latents = torch.randn((1, 4, size, size), generator=models.generator(0)).to(models.device)
+    stats = DecodeStats()
+    normal = decode_latents(vae, latents, stats)
+    original_dtype = vae.dtype
+    half = torch.float16 if models.device.type == "cuda" else torch.bfloat16
+
+    def overflow(_module, _inputs, output):
+        return output * float("inf") if output.dtype != torch.float32 else output
+
+    hook = vae.decoder.register_forward_hook(overflow)
+    vae.to(half)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guarded = decode_latents(vae, latents, stats)
+    finally:
+        hook.remove()
+        vae.to(original_dtype)
+    return {"normal_decode_finite": bool(torch.isfinite(normal).all()), "reduced_precision_dtype": str(half),
+            "guarded_decode_finite": bool(torch.isfinite(guarded).all()), "float32_fallbacks": stats.float32_fallbacks}
+
+
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]

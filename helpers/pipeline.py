@@ -302,6 +302,24 @@ def one_pass_baseline(models: ModelBundle, config: ProjectConfig, seed: int | No
     return models.decode(latents)[0]
 
 
+def with_and_without_lora(models: ModelBundle, config: ProjectConfig, seed: int) \
+        -> dict[str, tuple[Image.Image, Image.Image]]:
+    """Each subject's instance prompt on the same seed, base model vs its own LoRA (for notebook 01's figure)."""
+    out = {}
+    for subject in config.subjects:
+        pair = []
+        for adapter in (None, subject.name):
+            with only_adapter(models, adapter), torch.no_grad():
+                latents = models.txt2img(
+                    prompt=subject.instance_prompt, negative_prompt=config.negative_prompt,
+                    height=config.resolution, width=config.resolution, num_inference_steps=config.steps,
+                    guidance_scale=config.guidance_scale, generator=models.generator(seed),
+                    output_type="latent").images
+            pair.append(models.decode(latents)[0])
+        out[subject.name] = (pair[0], pair[1])
+    return out
+
+
 def check_layout_matches(layout: Layout, config: ProjectConfig) -> None:
     layout_names, config_names = set(layout.subjects), set(config.subject_names)
     if layout_names != config_names:

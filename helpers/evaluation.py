@@ -1,0 +1,151 @@
+"""Metrics over generated images: CLIP-I / CLIP-T (/ DINO) per subject, the region x subject leakage matrix, the
+outside-mask invariant, and the baseline / ours / ours+QA experiment over seeds and prompts. Reuses ``qa``'s scorers.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .config import ProjectConfig, write_text_atomic
+from .layout import Layout, MaskSet, masks
+from .models import ModelBundle
+from .pipeline import GenerationResult, coarse_to_fine, crop_box_for, one_pass_baseline
+from .qa import ClipScorer, qa_loop, subject_thresholds
+
+METHODS = ("baseline", "ours", "ours+qa")
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return a @ b.T
+
+
+def leakage_matrix_from_embeddings(crops: dict[str, np.ndarray], references: dict[str, np.ndarray]) -> np.ndarray:
+    """M[i, j] = mean cosine between region i's crop embedding(s) and subject j's reference embeddings."""
+    return np.array([[float(cosine_matrix(np.atleast_2d(c), np.atleast_2d(r)).mean()) for r in references.values()]
+                     for c in crops.values()])
+
+
+def region_crops(image: Image.Image, masks_: MaskSet, names: list[str], margin: float) -> dict[str, Image.Image]:
+    return {n: image.crop(crop_box_for(masks_, n, margin)) for n in names}
+
+
+def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, names: list[str],
+                   margin: float) -> np.ndarray:
+    """Rows: the region meant for subject i; columns: similarity to subject j's references. A healthy image has its
+    largest value of every row on the diagonal."""
+    crops = region_crops(image, masks_, names, margin)
+    crop_emb = {n: scorer.embed_images([c]).cpu().numpy() for n, c in crops.items()}
+    ref_emb = {n: scorer.reference_embeddings(n).cpu().numpy() for n in names}
+    return leakage_matrix_from_embeddings(crop_emb, ref_emb)
+
+
+def outside_mask_max_diff(image: Image.Image, coarse: Image.Image, masks_: MaskSet) -> int:
+    """Largest absolute pixel difference to the coarse scene outside every (dilated) subject mask; 0 is the claim."""
+    a, b = np.asarray(image, dtype=np.int16), np.asarray(coarse, dtype=np.int16)
+    outside = ~masks_.union_dilated
+    return int(np.abs(a - b)[outside].max()) if outside.any() else 0
+
+
+def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, config: ProjectConfig,
+                  scene_prompt: str, dino=None) -> list[dict]:
+    """Per subject: CLIP-I, CLIP-T of the crop vs its class prompt, the strongest rival's similarity, and the
+    whole image's CLIP-T vs the scene prompt (DINO too when a DINO scorer is given)."""
+    names = config.subject_names
+    matrix = leakage_matrix(scorer, image, masks_, names, config.region_margin)
+    crops = region_crops(image, masks_, names, config.region_margin)
+    scene_score = scorer.prompt_score(image, scene_prompt)
+    rows = []
+    for i, subject in enumerate(config.subjects):
+        rivals = [matrix[i, j] for j in range(len(names)) if j != i]
+        row = {"subject": subject.name, "clip_i": float(matrix[i, i]),
+               "clip_t": scorer.prompt_score(crops[subject.name], subject.class_prompt),
+               "leak_max_other": float(max(rivals)) if rivals else float("nan"), "clip_t_scene": scene_score}
+        if dino is not None:
+            row["dino"] = dino.identity(crops[subject.name], subject.name)
+        rows.append(row)
+    return rows
+
+
+def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, scorer: ClipScorer,
+                    prompts: list[str], seeds: list[int], dino=None) -> tuple[list[dict], list[dict]]:
+    """Baseline vs ours vs ours+QA for every (prompt, seed); returns metric rows and the QA ablation rows."""
+    thresholds = subject_thresholds(scorer, config)
+    rows, ablation = [], []
+    for prompt in prompts:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            baseline = one_pass_baseline(models, config, seed=seed)
+            t_base = time.perf_counter() - t0
+            result: GenerationResult = coarse_to_fine(models, config, layout, prompt, seed)
+            outcome = qa_loop(models, result, config, scorer, thresholds)
+            images = {"baseline": (baseline, t_base), "ours": (result.final, result.seconds["total"]),
+                      "ours+qa": (outcome.final, result.seconds["total"] + outcome.seconds)}
+            for method, (image, seconds) in images.items():
+                for row in image_metrics(scorer, image, result.masks, config, prompt, dino):
+                    outside = outside_mask_max_diff(image, result.coarse, result.masks) if method != "baseline" \
+                        else float("nan")
+                    rows.append({"method": method, "prompt": prompt, "seed": seed, **row,
+                                 "outside_max_diff": outside, "seconds": seconds})
+            for a in outcome.ablation_rows():
+                ablation.append({"prompt": prompt, "seed": seed, **a})
+    return rows, ablation
+
+
+def summarize(rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "seconds")) \
+        -> list[dict]:
+    """Mean and standard deviation per method (over subjects, seeds and prompts)."""
+    out = []
+    for method in METHODS:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        entry = {"method": method, "n": len(sel)}
+        for m in metrics:
+            values = np.array([r[m] for r in sel if m in r], dtype=float)
+            entry[f"{m}_mean"], entry[f"{m}_std"] = float(np.nanmean(values)), float(np.nanstd(values))
+        out.append(entry)
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+    return path
+
+
+def markdown_table(rows: list[dict], digits: int = 3) -> str:
+    if not rows:
+        return "_no rows_"
+    keys = list(rows[0])
+
+    def fmt(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def experiment_prompts(config: ProjectConfig) -> list[str]:
+    classes = " and ".join(f"a {s.class_name}" for s in config.subjects)
+    variants = [config.scene_prompt, f"{classes} in a sunny garden", f"{classes} on a kitchen shelf, studio photo"]
+    return variants[:config.eval_prompts]
+
+
+def masks_for(layout: Layout, config: ProjectConfig) -> MaskSet:
+    return masks(layout, config.resolution, config.resolution, config.effective_feather_px)
+
+
+__all__ = ["cosine_matrix", "leakage_matrix", "leakage_matrix_from_embeddings", "outside_mask_max_diff",
+           "image_metrics", "run_experiments", "summarize", "write_csv", "markdown_table", "experiment_prompts",
+           "masks_for"]

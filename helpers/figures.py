@@ -1,0 +1,180 @@
+"""Every plot and the report page (matplotlib, saved as PNG). Notebooks show these; other modules never plot."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from .config import ProjectConfig, write_text_atomic
+from .layout import Layout, MaskSet
+
+COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def image_grid(images: list[Image.Image], titles: list[str], cols: int | None = None,
+               size: float = 2.6) -> plt.Figure:
+    cols = cols or len(images)
+    rows = int(np.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def mask_overlay(image: Image.Image, masks_: MaskSet, layout: Layout) -> plt.Figure:
+    """The image with every subject's feathered mask tinted in its colour and labelled."""
+    fig, ax = plt.subplots(figsize=(4, 4 * masks_.height / masks_.width))
+    ax.imshow(image.resize((masks_.width, masks_.height)))
+    for i, region in enumerate(layout.regions):
+        color = matplotlib.colors.to_rgb(COLORS[i % len(COLORS)])
+        rgba = np.zeros((masks_.height, masks_.width, 4))
+        rgba[..., :3] = color
+        rgba[..., 3] = masks_.soft[region.subject] * 0.45
+        ax.imshow(rgba)
+        cx, cy = region.center
+        ax.text(cx * masks_.width, cy * masks_.height, region.subject, color="white", ha="center", va="center",
+                fontsize=10, weight="bold", bbox=dict(facecolor=COLORS[i % len(COLORS)], alpha=0.8, lw=0))
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(histories: dict[str, list[float]]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i, (name, losses) in enumerate(histories.items()):
+        losses = np.asarray(losses, dtype=float)
+        ax.plot(losses, alpha=0.3, color=COLORS[i % len(COLORS)])
+        window = max(1, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=name, color=COLORS[i % len(COLORS)])
+    ax.set(xlabel="step", ylabel="loss", title="LoRA training loss (faint: per step, solid: moving average)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def leakage_heatmap(matrix: np.ndarray, names: list[str], title: str = "identity leakage") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 1.2 * len(names) + 1.2))
+    im = ax.imshow(matrix, cmap="viridis")
+    ax.set_xticks(range(len(names)), [f"{n} refs" for n in names])
+    ax.set_yticks(range(len(names)), [f"{n} region" for n in names])
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", color="w" if i != j else "k",
+                    weight="bold" if i == j else "normal")
+    ax.set_title(f"{title}\n(row = region, column = subject's references; diagonal should win)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def qa_trace(log: list[dict], thresholds: dict[str, float]) -> plt.Figure:
+    """Identity score per attempt for every subject, with its threshold and the kept attempt circled."""
+    names = list(dict.fromkeys(entry["subject"] for entry in log))
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i, name in enumerate(names):
+        entries = [e for e in log if e["subject"] == name]
+        color = COLORS[i % len(COLORS)]
+        ax.plot([e["attempt"] for e in entries], [e["identity"] for e in entries], "o-", color=color, label=name)
+        ax.axhline(thresholds[name], color=color, ls="--", lw=1)
+        best = max(entries, key=lambda e: (e["passed"], e["identity"]))
+        ax.plot(best["attempt"], best["identity"], "o", ms=14, mfc="none", mec=color)
+    ax.set(xlabel="attempt (0 = before QA)", ylabel="identity (CLIP-I)", title="QA trace (dashed: threshold)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def score_bars(summary_rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other")) \
+        -> plt.Figure:
+    """Mean +- std per method for each metric (error bars over subjects, seeds and prompts)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        methods = [r["method"] for r in summary_rows]
+        ax.bar(methods, [r[f"{metric}_mean"] for r in summary_rows], yerr=[r[f"{metric}_std"] for r in summary_rows],
+               color=COLORS[:len(methods)], capsize=4)
+        ax.set_title(metric)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+def _profile_banner(config: ProjectConfig) -> str:
+    if config.profile == "sdxl":
+        return "Profile: sdxl (real SDXL weights). Scores below measure these images."
+    return (f"PROFILE: {config.profile.upper()}. The images come from RANDOM WEIGHTS and the scores mean NOTHING about "
+            f"quality; this report only shows that the whole pipeline runs and its invariants hold. Run the series "
+            f"on a GPU with the sdxl profile for real results.")
+
+
+def write_report(folder: Path, config: ProjectConfig, tables: dict[str, str], figures: dict[str, Path],
+                 notes: list[str]) -> tuple[Path, Path]:
+    """``index.html`` (opens offline; images referenced by relative path beside it) and ``report.md``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = {title: Path(path).relative_to(folder).as_posix() for title, path in figures.items()}
+    banner = _profile_banner(config)
+    md = ["# Multi-subject SDXL report", "", f"> **{banner}**", "", "## Config", "", "```", config.summary(), "```"]
+    for title, table in tables.items():
+        md += ["", f"## {title}", "", table]
+    for title, path in rel.items():
+        md += ["", f"## {title}", "", f"![{title}]({path})"]
+    md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    md_path = folder / "report.md"
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+
+    warn_class = "ok" if config.profile == "sdxl" else "warn"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Multi-subject SDXL report</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+        ".warn{background:#fff3cd;border:2px solid #e0a800;padding:1em;font-weight:bold;font-size:1.1em}",
+        ".ok{background:#e7f5e9;border:2px solid #3cb44b;padding:1em}",
+        "table{border-collapse:collapse;margin:0.5em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px}",
+        "th{background:#f3f3f3}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}pre{background:#f6f6f6;"
+        "padding:0.8em}figure{margin:1.5em 0}figcaption{font-weight:bold}",
+        "</style></head><body><h1>Multi-subject SDXL report</h1>",
+        f"<div class='{warn_class}' id='profile-banner'>{html.escape(banner)}</div>",
+        f"<h2>Config</h2><pre>{html.escape(config.summary())}</pre>",
+    ]
+    for title, table in tables.items():
+        parts.append(f"<h2>{html.escape(title)}</h2>{_markdown_table_to_html(table)}")
+    for title, path in rel.items():
+        parts.append(f"<figure><figcaption>{html.escape(title)}</figcaption>"
+                     f"<img src='{html.escape(path)}' alt='{html.escape(title)}'></figure>")
+    parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append(f"<script type='application/json' id='report-data'>{json.dumps({'figures': rel})}</script>")
+    parts.append("</body></html>")
+    html_path = folder / "index.html"
+    write_text_atomic(html_path, "\n".join(parts))
+    return html_path, md_path
+
+
+def _markdown_table_to_html(table: str) -> str:
+    lines = [l for l in table.strip().splitlines() if l.strip().startswith("|")]
+    if len(lines) < 2:
+        return f"<p>{html.escape(table)}</p>"
+    cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[2:])
+    return f"<table><tr>{head}</tr>{body}</table>"

@@ -1,0 +1,172 @@
+"""Run the notebook series end to end with papermill, and keep the notebooks in git clean.
+
+``python -m helpers run [--profile tiny] [-p name value ...]`` executes every ``notebooks/NN_*.ipynb`` in order,
+writes executed copies to ``<output>/executed/``, prints seconds per notebook, and stops at the first failure naming
+the notebook and the cell.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from .config import PROJECT_ROOT
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    ok: bool
+    executed_copy: Path
+
+
+def series_notebooks(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
+
+
+def parse_value(text: str):
+    """``-p steps 4`` gives an int, ``-p force True`` a bool, anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_series(notebooks_dir: Path = NOTEBOOKS_DIR, output_dir: str | None = None, profile: str | None = None,
+               parameters: dict | None = None, only: list[str] | None = None, progress: bool = True,
+               stream=sys.stdout) -> tuple[list[NotebookRun], int]:
+    """Execute the series; returns the per-notebook runs and an exit code (0 ok, 1 a notebook failed)."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    params = dict(parameters or {})
+    if profile:
+        params["profile"] = profile
+    if output_dir:
+        params["output_dir"] = output_dir
+        os.environ["HELPERS_OUTPUT_DIR"] = output_dir  # also for code that runs before the parameters cell
+    out_root = Path(output_dir) if output_dir else Path(os.environ.get("HELPERS_OUTPUT_DIR", "output"))
+    out_root = out_root if out_root.is_absolute() else PROJECT_ROOT / out_root
+    executed_dir = out_root / "executed"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = [nb for nb in series_notebooks(notebooks_dir) if not only or nb.name[:2] in only]
+    if not notebooks:
+        print(f"no notebooks NN_*.ipynb in {notebooks_dir}", file=stream)
+        return [], 1
+    runs: list[NotebookRun] = []
+    for i, nb in enumerate(notebooks, 1):
+        target = executed_dir / nb.name
+        print(f"[{i}/{len(notebooks)}] {nb.name} ...", file=stream, flush=True)
+        start = time.perf_counter()
+        try:
+            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(nb.parent),
+                                progress_bar=progress, log_output=False, kernel_name="python3")
+        except PapermillExecutionError as e:
+            runs.append(NotebookRun(nb.name, time.perf_counter() - start, False, target))
+            first_line = (e.source or "").strip().splitlines()[0] if (e.source or "").strip() else ""
+            print(f"\nFAILED: {nb.name}, cell {e.cell_index} (execution {e.exec_count}: {first_line!r})\n"
+                  f"  {e.ename}: {e.evalue}\n  executed copy with the full traceback: {target}", file=stream)
+            print_table(runs, stream)
+            return runs, 1
+        runs.append(NotebookRun(nb.name, time.perf_counter() - start, True, target))
+    print_table(runs, stream)
+    report = out_root / "report" / "index.html"
+    if report.exists():
+        print(f"report: {report}", file=stream)
+    return runs, 0
+
+
+def print_table(runs: list[NotebookRun], stream=sys.stdout) -> None:
+    width = max([len(r.name) for r in runs] + [8])
+    print(f"\n{'notebook':<{width}}  {'seconds':>8}  status", file=stream)
+    for r in runs:
+        print(f"{r.name:<{width}}  {r.seconds:8.1f}  {'ok' if r.ok else 'FAILED'}", file=stream)
+    print(f"{'total':<{width}}  {sum(r.seconds for r in runs):8.1f}", file=stream)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# keeping notebooks diff-friendly
+# ----------------------------------------------------------------------------------------------------------------
+def is_checked(cell) -> bool:
+    return cell.cell_type == "code" and CHECK_MARK in cell.source
+
+
+def clean_notebook(nb, checked_outputs: dict[int, list] | None = None):
+    """No execution counts, no outputs except the text output of ``# NBVAL_CHECK_OUTPUT`` cells."""
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        outputs = checked_outputs.get(index, cell.outputs) if checked_outputs is not None else cell.outputs
+        cell.outputs = [_strip_counts(o) for o in outputs if is_checked(cell) and o.get("output_type") == "stream"
+                        and o.get("name") == "stdout"] if is_checked(cell) else []
+        cell.metadata.pop("execution", None)
+        for key in ("papermill", "collapsed", "scrolled"):
+            cell.metadata.pop(key, None)
+    nb.metadata.pop("papermill", None)
+    return nb
+
+
+def _strip_counts(output):
+    output.pop("execution_count", None)
+    return output
+
+
+def refresh_checked_outputs(notebooks_dir: Path, executed_dir: Path) -> list[Path]:
+    """Copy the checked cells' outputs from executed copies into the source notebooks (after a deliberate change)."""
+    changed = []
+    for nb_path in series_notebooks(notebooks_dir):
+        executed_path = executed_dir / nb_path.name
+        if not executed_path.exists():
+            continue
+        source, executed = nbformat.read(nb_path, 4), nbformat.read(executed_path, 4)
+        by_source = {c.source: c.outputs for c in executed.cells if c.cell_type == "code"}
+        outputs = {i: by_source.get(c.source, []) for i, c in enumerate(source.cells) if is_checked(c)}
+        nbformat.write(clean_notebook(source, outputs), nb_path)
+        changed.append(nb_path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebook series with papermill")
+    run.add_argument("--profile", choices=["auto", "tiny", "sdxl"], default=None,
+                     help="model profile (default: the notebooks' 'auto': sdxl with CUDA, else tiny)")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                     help="a notebook parameter, e.g. -p steps 8 (repeatable)")
+    run.add_argument("--output-dir", default=None, help="output folder (default: output/)")
+    run.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of NN_*.ipynb notebooks")
+    run.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,03")
+    run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    clean = sub.add_parser("clean-notebooks", help="strip outputs (except checked cells) and execution counts")
+    clean.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
+    refresh = sub.add_parser("refresh-checked-outputs",
+                             help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
+    refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
+    refresh.add_argument("--executed", type=Path, default=PROJECT_ROOT / "output" / "executed")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        params = {name: parse_value(value) for name, value in args.parameter}
+        only = args.only.split(",") if args.only else None
+        _, code = run_series(args.notebooks, args.output_dir, args.profile, params, only, not args.no_progress)
+        return code
+    if args.command == "clean-notebooks":
+        for nb_path in series_notebooks(args.notebooks):
+            nbformat.write(clean_notebook(nbformat.read(nb_path, 4)), nb_path)
+        return 0
+    for path in refresh_checked_outputs(args.notebooks, args.executed):
+        print(f"refreshed {path}")
+    return 0
