@@ -104,6 +104,9 @@ def quiet_libraries() -> None:
 
 def load_models(config: ProjectConfig, device: str | torch.device | None = None) -> ModelBundle:
     """Build the pipelines of ``config.profile``; the inpainting pipeline shares every component (``from_pipe``)."""
+    if config.profile == "sdxl":  # before the heavy imports, so a machine without the weights hears it in seconds
+        for repo_id, index_file in ((SDXL_VAE_FP16_FIX_ID, "config.json"), (SDXL_BASE_ID, "model_index.json")):
+            check_hub_weights(repo_id, index_file)
     from diffusers import StableDiffusionXLInpaintPipeline
 
     quiet_libraries()
@@ -182,26 +185,24 @@ def decode_latents(vae, latents: torch.Tensor, stats: DecodeStats | None = None)
 def demonstrate_nan_guard(models: ModelBundle) -> dict[str, object]:
     """Show the guard at work: a normal decode, then one where a reduced-precision VAE overflows (simulated by
     turning its decoder output to inf whenever it runs below float32) and the guard re-decodes in float32."""
-    vae = models.vae
+    import copy
+
+    vae = copy.deepcopy(models.vae)  # a copy: a round trip through bfloat16 would round the real VAE's weights
     size = 8 if models.profile == "tiny" else 32
     latents = torch.randn((1, 4, size, size), generator=models.generator(0)).to(models.device)
     stats = DecodeStats()
     normal = decode_latents(vae, latents, stats)
-    original_dtype = vae.dtype
     half = torch.float16 if models.device.type == "cuda" else torch.bfloat16
 
     def overflow(_module, _inputs, output):
         return output * float("inf") if output.dtype != torch.float32 else output
 
-    hook = vae.decoder.register_forward_hook(overflow)
+    vae.decoder.register_forward_hook(overflow)
     vae.to(half)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            guarded = decode_latents(vae, latents, stats)
-    finally:
-        hook.remove()
-        vae.to(original_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guarded = decode_latents(vae, latents, stats)
+    del vae
     return {"normal_decode_finite": bool(torch.isfinite(normal).all()), "reduced_precision_dtype": str(half),
             "guarded_decode_finite": bool(torch.isfinite(guarded).all()), "float32_fallbacks": stats.float32_fallbacks}
 
@@ -316,22 +317,26 @@ def _missing_weights_error(repo_id: str, reason: str) -> ModelUnavailableError:
     )
 
 
-def _from_pretrained(cls, repo_id: str, **kwargs):
-    """``cls.from_pretrained`` from the local cache first; online only when the hub answers within seconds."""
-    token = hub_token()
-    try:
-        return cls.from_pretrained(repo_id, local_files_only=True, token=token, **kwargs)
-    except (OSError, ValueError, EnvironmentError):
-        pass
+def check_hub_weights(repo_id: str, index_file: str) -> bool:
+    """True when ``repo_id`` is in the local HF cache (or a local folder); else make sure the Hub answers within
+    seconds, or raise ``ModelUnavailableError`` with one line that says what to do."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if Path(repo_id).is_dir() or isinstance(try_to_load_from_cache(repo_id, index_file), str):
+        return True
     if _hub_offline():
         raise _missing_weights_error(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache")
-    from huggingface_hub import HfApi
-
     try:
-        HfApi().model_info(repo_id, timeout=5, token=token)
+        HfApi().model_info(repo_id, timeout=5, token=hub_token())
     except Exception as e:  # no network, DNS failure, timeout, gated repo...
         raise _missing_weights_error(repo_id, f"not cached and the Hub is unreachable ({type(e).__name__})") from None
-    return cls.from_pretrained(repo_id, token=token, **kwargs)
+    return False
+
+
+def _from_pretrained(cls, repo_id: str, index_file: str, **kwargs):
+    """``cls.from_pretrained`` from the local cache when it is there, else from the Hub (checked reachable first)."""
+    cached = check_hub_weights(repo_id, index_file)
+    return cls.from_pretrained(repo_id, local_files_only=cached or _hub_offline(), token=hub_token(), **kwargs)
 
 
 def load_sdxl_pipeline(dtype: torch.dtype):
@@ -339,9 +344,10 @@ def load_sdxl_pipeline(dtype: torch.dtype):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     variant = "fp16" if dtype == torch.float16 else None
-    vae = _from_pretrained(AutoencoderKL, SDXL_VAE_FP16_FIX_ID, torch_dtype=dtype, use_safetensors=True)
-    return _from_pretrained(StableDiffusionXLPipeline, SDXL_BASE_ID, vae=vae, torch_dtype=dtype, variant=variant,
-                            use_safetensors=True, add_watermarker=False)
+    vae = _from_pretrained(AutoencoderKL, SDXL_VAE_FP16_FIX_ID, "config.json", torch_dtype=dtype,
+                           use_safetensors=True)
+    return _from_pretrained(StableDiffusionXLPipeline, SDXL_BASE_ID, "model_index.json", vae=vae, torch_dtype=dtype,
+                            variant=variant, use_safetensors=True, add_watermarker=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers.config import PROJECT_ROOT, ProjectConfig, make_config
+from helpers.models import load_models
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(session_dir) -> ProjectConfig:
+    """Tiny profile, outputs in a session folder, a short training run so LoRA tests stay fast."""
+    return make_config("tiny", output_dir=str(session_dir / "out"), train_steps=6, checkpoint_every=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_config):
+    return load_models(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_config, tiny_models):
+    """Both demo subjects trained once and loaded as adapters."""
+    from helpers.pipeline import load_subject_loras
+    from helpers.training import run_training
+
+    reports = run_training(tiny_config, models=tiny_models, progress=False)
+    load_subject_loras(tiny_models, tiny_config)
+    return reports
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def demo_photos(tmp_path) -> Path:
+    """A private copy of the demo data, for tests that change photos."""
+    target = tmp_path / "data"
+    shutil.copytree(PROJECT_ROOT / "data", target, ignore=shutil.ignore_patterns("*.md"))
+    return target
