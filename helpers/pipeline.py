@@ -104,6 +104,7 @@ def combined_prompt(config: ProjectConfig) -> str:
     return f"a photo of {names}{suffix}"
 
 
+@torch.no_grad()
 def weighted_prompt_embeds(models: ModelBundle, prompt: str, negative_prompt: str, emphasis: list[str],
                            weight: float) -> dict[str, torch.Tensor]:
     """SDXL prompt embeddings with the tokens of ``emphasis`` scaled by ``weight`` (the "(word:1.3)" convention).

@@ -1,0 +1,91 @@
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.config import ProjectConfig, Subject
+from helpers.data import SubjectDataError, augment, load_photo, load_subject_photos, make_demo_subjects
+
+
+def _config(folder, name="toy"):
+    return ProjectConfig(subjects=[Subject(name, "sks", "toy", str(folder), f"loras/{name}")], train_resolution=64)
+
+
+def _photo(mode="RGB", size=(96, 80), color=(200, 30, 30)):
+    if mode == "CMYK":
+        return Image.new("CMYK", size, (0, 200, 200, 0))
+    return Image.new("RGB", size, color).convert(mode)
+
+
+def test_missing_and_empty_folders_name_folder_and_subject(tmp_path):
+    missing = _config(tmp_path / "nope")
+    with pytest.raises(SubjectDataError, match=r"subject 'toy'.*nope does not exist"):
+        load_subject_photos(missing, missing.subjects[0])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(SubjectDataError, match=r"subject 'toy'.*empty.*no images"):
+        load_subject_photos(_config(tmp_path / "empty"), _config(tmp_path / "empty").subjects[0])
+
+
+def test_corrupt_file_is_named(subject_dir):
+    (subject_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(SubjectDataError, match="broken.jpg: cannot read"):
+        load_photo(subject_dir / "broken.jpg", 64)
+
+
+def test_too_small_is_rejected(subject_dir):
+    _photo(size=(40, 300)).save(subject_dir / "small.png")
+    with pytest.raises(SubjectDataError, match=r"small.png: 40x300 px is too small"):
+        load_photo(subject_dir / "small.png", 64)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK"])
+def test_modes_become_rgb(subject_dir, mode):
+    path = subject_dir / f"x.{'jpg' if mode == 'CMYK' else 'png'}"
+    _photo(mode).save(path)
+    image = load_photo(path, 64)
+    assert image.mode == "RGB" and image.size == (96, 80)
+
+
+def test_transparent_pixels_become_white(subject_dir):
+    rgba = Image.new("RGBA", (80, 80), (255, 0, 0, 0))
+    rgba.save(subject_dir / "t.png")
+    assert load_photo(subject_dir / "t.png", 64).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied(subject_dir):
+    image = Image.new("RGB", (120, 80), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 20, 80))  # a white stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(subject_dir / "phone.jpg", exif=exif)
+    upright = load_photo(subject_dir / "phone.jpg", 64)
+    assert upright.size == (80, 120)
+    assert np.asarray(upright)[:10].mean() > 200  # the stripe is now at the top
+
+
+def test_fewer_than_three_photos_warns(subject_dir):
+    _photo().save(subject_dir / "a.png")
+    with pytest.warns(UserWarning, match="only 1 photo"):
+        load_subject_photos(_config(subject_dir), _config(subject_dir).subjects[0])
+
+
+def test_augment_is_seeded_and_sized():
+    import random
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 140, 3), dtype=np.uint8))
+    a = augment(image, 64, random.Random(1))
+    b = augment(image, 64, random.Random(1))
+    assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_subjects_are_distinct_views(tmp_path):
+    written = make_demo_subjects(tmp_path)
+    assert {p.parent.name for p in written} == {"cat", "mug"}
+    cats = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "cat").iterdir())]
+    assert len(cats) >= 3 and all(not np.array_equal(cats[0], c) for c in cats[1:])
+    assert make_demo_subjects(tmp_path) == []  # existing files are never overwritten
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = ProjectConfig(subjects=[Subject("cat", "sks", "cat", str(tmp_path / "cat"), "loras/cat")])
+        assert len(load_subject_photos(config, config.subjects[0])) == len(cats)

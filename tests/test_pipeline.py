@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from helpers import pipeline as hp
+from helpers.evaluation import outside_mask_max_diff
+from helpers.layout import Layout, Region, default_layout, masks
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_config):
+    return default_layout(tiny_config.subject_names, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_models, tiny_config, trained, layout):
+    return hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=11)
+
+
+def test_outside_all_masks_equals_the_coarse_scene_exactly(result):
+    coarse, final = np.asarray(result.coarse), np.asarray(result.final)
+    outside_support = ~np.logical_or.reduce(list(result.masks.support.values()))
+    assert np.array_equal(coarse[outside_support], final[outside_support])
+    assert outside_mask_max_diff(result.final, result.coarse, result.masks) == 0
+    assert not np.array_equal(coarse, final)  # and the subjects' regions did change
+
+
+def test_only_the_subjects_own_adapter_is_active_and_other_regions_untouched(result):
+    assert [p.active_adapters for p in result.passes] == [["cat"], ["mug"]]
+    coarse, after_cat, after_mug = (np.asarray(im) for im in (result.coarse, *result.stages))
+    mug_region, cat_region = result.masks.support["mug"], result.masks.support["cat"]
+    assert np.array_equal(after_cat[mug_region], coarse[mug_region])  # the cat pass never touches the mug region
+    assert np.array_equal(after_mug[cat_region], after_cat[cat_region])  # nor the mug pass the cat's
+    assert not np.array_equal(after_cat[cat_region], coarse[cat_region])
+
+
+def test_phase0_runs_with_every_lora_disabled(tiny_models, tiny_config, trained, monkeypatch):
+    seen = []
+    original = type(tiny_models.txt2img).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.append(hp.active_adapters(tiny_models))
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_models.txt2img), "__call__", spy)
+    hp.generate_scene(tiny_models, tiny_config, "a scene", 0)
+    hp.one_pass_baseline(tiny_models, tiny_config, seed=0)
+    assert seen == [[], ["cat", "mug"]]  # Phase 0: none; the baseline: all at once
+
+
+def test_same_seed_same_images(tiny_models, tiny_config, trained, layout, result):
+    again = hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=11)
+    assert np.array_equal(np.asarray(again.final), np.asarray(result.final))
+    assert np.array_equal(np.asarray(again.coarse), np.asarray(result.coarse))
+    other = hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=12)
+    assert not np.array_equal(np.asarray(other.coarse), np.asarray(result.coarse))
+
+
+def test_result_saves_and_loads(tmp_path, result, tiny_config):
+    result.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"coarse.png", "composite.png", "result.json",
+                                                     "stage_1_cat.png", "stage_2_mug.png"}
+    loaded = hp.GenerationResult.load(tmp_path, tiny_config.effective_feather_px)
+    assert np.array_equal(np.asarray(loaded.final), np.asarray(result.final))
+    assert loaded.passes == result.passes and loaded.layout == result.layout
+    with pytest.raises(FileNotFoundError, match="notebooks/03"):
+        hp.GenerationResult.load(tmp_path / "nothing", 2)
+
+
+def test_missing_lora_names_subject_and_notebook(tmp_path, tiny_models, tiny_config):
+    config = tiny_config.replace(output_dir=str(tmp_path), subjects=[tiny_config.subjects[0].__class__(
+        "dog", "qwe", "dog", "data/cat", "loras/dog")])
+    with pytest.raises(hp.MissingLoraError, match=r"subject 'dog'.*notebooks/01_train_subject_loras"):
+        hp.load_subject_loras(tiny_models, config)
+
+
+def test_layout_and_config_mismatch_is_listed(tiny_models, tiny_config, trained):
+    layout = Layout([Region("cat", 0.1, 0.1, 0.3, 0.3), Region("dog", 0.5, 0.5, 0.3, 0.3)], 64, 64)
+    with pytest.raises(ValueError, match=r"only in the layout: \['dog'\]; only in the config: \['mug'\]"):
+        hp.coarse_to_fine(tiny_models, tiny_config, layout)
+
+
+def test_blend_is_exact_outside_and_mixes_inside():
+    from PIL import Image
+    base = Image.new("RGB", (8, 8), (10, 20, 30))
+    patch = Image.new("RGB", (8, 8), (200, 200, 200))
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:4, 2:4] = 0.5
+    out = np.asarray(hp.blend_in_mask(base, patch, mask))
+    assert (out[mask == 0] == (10, 20, 30)).all() and tuple(out[2, 2]) == (105, 110, 115)
+
+
+def test_crop_box_is_square_and_inside(layout):
+    m = masks(layout, 64, 64, 2)
+    for name in ("cat", "mug"):
+        x0, y0, x1, y1 = hp.crop_box_for(m, name, 0.15)
+        assert x1 - x0 == y1 - y0 and 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 64
+        ys, xs = np.nonzero(m.support[name])
+        assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+
+
+def test_weighted_prompt_scales_only_the_emphasised_tokens(tiny_models):
+    plain = hp.weighted_prompt_embeds(tiny_models, "a photo of sks cat", "", ["sks"], 1.0)["prompt_embeds"]
+    boosted = hp.weighted_prompt_embeds(tiny_models, "a photo of sks cat", "", ["sks"], 1.5)["prompt_embeds"]
+    ratio = (boosted / plain)[0, :, 0].tolist()
+    assert ratio[4] / ratio[3] == pytest.approx(1.5, rel=1e-3)  # "sks" is token 4 (after <bos> a photo of)
+    assert ratio[2] == pytest.approx(ratio[3], rel=1e-5)

@@ -1,0 +1,115 @@
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.config import make_config
+from helpers.pipeline import LORA_WEIGHTS_FILE, active_adapters, only_adapter
+from helpers.training import CHECKPOINT_FILE, META_FILE, run_training
+
+
+def _unet_output(models, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    embeds = torch.randn(1, 77, 64, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return models.unet(sample, torch.tensor([500]), embeds, added_cond_kwargs=cond).sample
+
+
+def _config(tmp_path, **kw):
+    return make_config("tiny", output_dir=str(tmp_path / "out"), **{"train_steps": 6, "checkpoint_every": 2, **kw})
+
+
+def test_written_lora_loads_and_changes_the_unet(tiny_config, tiny_models, trained):
+    for name, report in trained.items():
+        assert report.steps_done == 6 and len(report.loss_history) == 6
+        folder = tiny_config.lora_path(tiny_config.subject(name))
+        meta = json.loads((folder / META_FILE).read_text())
+        assert meta["config_hash"] and meta["versions"]["diffusers"] and meta["steps_done"] == 6
+        assert not (folder / CHECKPOINT_FILE).exists()
+        keys = load_file(folder / LORA_WEIGHTS_FILE)
+        assert keys and all(k.startswith("unet.") for k in keys)  # diffusers format
+    with only_adapter(tiny_models, None):
+        base = _unet_output(tiny_models)
+    with only_adapter(tiny_models, "cat"):
+        assert active_adapters(tiny_models) == ["cat"]
+        cat = _unet_output(tiny_models)
+    with only_adapter(tiny_models, "mug"):
+        assert active_adapters(tiny_models) == ["mug"]
+        mug = _unet_output(tiny_models)
+    assert not torch.allclose(base, cat) and not torch.allclose(base, mug) and not torch.allclose(cat, mug)
+    tiny_models.txt2img.set_adapters(["cat"])  # the plain diffusers switch works the same
+    assert torch.equal(_unet_output(tiny_models), cat)
+    tiny_models.txt2img.set_adapters(["mug"])
+    assert torch.equal(_unet_output(tiny_models), mug)
+
+
+def test_second_run_skips_in_seconds(tiny_config, trained, capsys):
+    start = time.perf_counter()
+    reports = run_training(tiny_config, progress=False)
+    assert time.perf_counter() - start < 5
+    assert {r.status for r in reports.values()} == {"skipped"}
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_models):
+    single = _config(tmp_path / "a")
+    one = run_training(single.replace(subjects=single.subjects[:1]), models=tiny_models, progress=False)
+    resumed_cfg = _config(tmp_path / "b")
+    resumed_cfg = resumed_cfg.replace(subjects=resumed_cfg.subjects[:1])
+    first = run_training(resumed_cfg, models=tiny_models, stop_after_steps=3, progress=False)
+    assert first["cat"].status == "interrupted" and first["cat"].steps_done == 3
+    assert (resumed_cfg.lora_path(resumed_cfg.subjects[0]) / CHECKPOINT_FILE).exists()
+    second = run_training(resumed_cfg, models=tiny_models, progress=False)
+    assert second["cat"].status == "resumed" and second["cat"].steps_done == 6
+    a = load_file(single.lora_path(single.subjects[0]) / LORA_WEIGHTS_FILE)
+    b = load_file(resumed_cfg.lora_path(resumed_cfg.subjects[0]) / LORA_WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert one["cat"].loss_history == second["cat"].loss_history
+
+
+def test_half_written_or_corrupt_checkpoint_is_never_loaded(tmp_path, tiny_models):
+    config = _config(tmp_path)
+    config = config.replace(subjects=config.subjects[:1])
+    folder = config.lora_path(config.subjects[0])
+    folder.mkdir(parents=True)
+    (folder / f".{CHECKPOINT_FILE}.tmp123").write_bytes(b"half a file")  # an interrupted write leaves only this
+    (folder / CHECKPOINT_FILE).write_bytes(b"garbage that is not safetensors")
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        report = run_training(config, models=tiny_models, progress=False)["cat"]
+    assert report.status == "trained" and report.steps_done == 6
+
+
+def test_changed_config_retrains_and_force_always_does(tmp_path, tiny_models, capsys):
+    config = _config(tmp_path)
+    config = config.replace(subjects=config.subjects[:1])
+    run_training(config, models=tiny_models, progress=False)
+    changed = run_training(config.replace(lora_rank=2), models=tiny_models, progress=False)["cat"]
+    assert changed.status == "trained" and "settings.lora_rank" in changed.message
+    assert run_training(config.replace(lora_rank=2), progress=False)["cat"].status == "skipped"
+    assert run_training(config.replace(lora_rank=2), models=tiny_models, force=True,
+                        progress=False)["cat"].status == "trained"
+
+
+def test_changed_photos_retrain(tmp_path, tiny_models, demo_photos):
+    from PIL import Image
+    config = _config(tmp_path)
+    subject = config.subjects[0]
+    subject = type(subject)(subject.name, subject.token, subject.class_name, str(demo_photos / "cat"),
+                            subject.lora_dir)
+    config = config.replace(subjects=[subject])
+    run_training(config, models=tiny_models, progress=False)
+    Image.open(demo_photos / "cat" / "cat_0.jpg").transpose(Image.FLIP_TOP_BOTTOM).save(demo_photos / "cat" / "x.jpg")
+    report = run_training(config, models=tiny_models, progress=False)["cat"]
+    assert report.status == "trained" and "photos.x.jpg" in report.message
+
+
+def test_prior_preservation_caches_class_images(tmp_path, tiny_models):
+    config = _config(tmp_path, prior_preservation=True, num_class_images=2, train_steps=2)
+    config = config.replace(subjects=config.subjects[:1])
+    assert run_training(config, models=tiny_models, progress=False)["cat"].steps_done == 2
+    cached = list((config.cache_path / "class_images").rglob("*.png"))
+    assert len(cached) == 2
