@@ -320,6 +320,20 @@ class LoraTrainer:
         self.unet.requires_grad_(False)
 
 
+def offload_encoders(models: ModelBundle) -> None:
+    """On CUDA, park the VAE and both text encoders on the CPU while the loop runs: it only needs the UNet."""
+    if models.device.type == "cuda":
+        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def restore_encoders(models: ModelBundle) -> None:
+    if models.device.type == "cuda":
+        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
+            module.to(models.device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # entry points
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,6 +356,7 @@ def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, 
         message = f"{subject.name}: training config changed ({what}): retraining"
     start = time.perf_counter()
     data = prepare_training_data(models, config, subject)
+    offload_encoders(models)
     trainer = LoraTrainer(models, config, f"{subject.name}__training", data)
     checkpoint = folder / CHECKPOINT_FILE
     resumed = False
@@ -376,6 +391,7 @@ def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, 
         checkpoint.unlink(missing_ok=True)
     finally:
         trainer.close()
+        restore_encoders(models)
     status = "resumed" if resumed else "trained"
     return TrainReport(subject.name, status, trainer.step_count, seconds, trainer.loss_history, str(lora_file),
                        message or f"{subject.name}: {status}, {trainer.step_count} steps in {seconds:.1f} s")
