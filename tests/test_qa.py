@@ -1,0 +1,163 @@
+import math
+
+import numpy as np
+import pytest
+
+from helpers import pipeline as hp
+from helpers import qa
+from helpers.layout import default_layout
+
+
+class ScriptedScorer:
+    """Identity answers the test controls: per subject, a list of scores for successive calls (last one repeats)."""
+
+    def __init__(self, script, references=0.9, rival=0.1):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.subject_names = list(script)
+        self.calls = {k: 0 for k in script}
+        self.rival = rival
+        self.references = references
+        self.current = None
+
+    def next_identity(self, subject):
+        values = self.script[subject]
+        value = values[min(self.calls[subject], len(values) - 1)]
+        self.calls[subject] += 1
+        return value
+
+    def leakage_row(self, image):
+        subject = self.current
+        return {s: (self.next_identity(s) if s == subject else self.rival) for s in self.subject_names}
+
+    def prompt_score(self, image, text):
+        return 0.3
+
+    def reference_similarity(self, subject):
+        return self.references
+
+
+@pytest.fixture(scope="module")
+def base_result(tiny_models, tiny_config, trained):
+    return hp.coarse_to_fine(tiny_models, tiny_config, default_layout(tiny_config.subject_names, 64, 64), seed=5)
+
+
+@pytest.fixture
+def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
+    """Runs the loop with a scripted scorer; records every refinement pass (subject, seed, strength)."""
+    refinements = []
+    original = hp.region_pass
+
+    def spy(models, config, image, masks, subject, seed, strength, **kw):
+        refinements.append((subject.name, seed, strength, kw.get("emphasis_weight")))
+        return original(models, config, image, masks, subject, seed, strength, **kw)
+
+    monkeypatch.setattr(qa, "region_pass", spy)
+
+    def run(script, max_retries=2, **config_changes):
+        scorer = ScriptedScorer(script)
+        original_score = qa.score_subject
+
+        def score(scorer_, image, result, subject, threshold, margin):
+            scorer_.current = subject.name
+            return original_score(scorer_, image, result, subject, threshold, margin)
+
+        monkeypatch.setattr(qa, "score_subject", score)
+        config = tiny_config.replace(max_retries=max_retries, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
+                                     **config_changes)
+        return qa.qa_loop(tiny_models, base_result, config, scorer), refinements
+
+    return run
+
+
+def test_exactly_the_failing_subjects_are_refined(run_loop, base_result):
+    outcome, refinements = run_loop({"cat": [0.9], "mug": [0.2, 0.8]})
+    assert [r[0] for r in refinements] == ["mug"]
+    assert refinements[0][2] == 0.65 and refinements[0][3] == 1.3  # refine strength, boosted prompt weight
+    assert outcome.summary["cat"]["refinements"] == 0 and outcome.summary["mug"]["refinements"] == 1
+    cat = outcome.final.crop(hp.crop_box_for(base_result.masks, "cat", 0))
+    assert np.array_equal(np.asarray(cat), np.asarray(base_result.final.crop(hp.crop_box_for(base_result.masks,
+                                                                                                "cat", 0))))
+
+
+def test_never_more_than_max_retries(run_loop):
+    outcome, refinements = run_loop({"cat": [0.1], "mug": [0.1]}, max_retries=3)
+    assert [r[0] for r in refinements] == ["cat"] * 3 + ["mug"] * 3
+    assert len({r[1] for r in refinements}) == 6  # a new seed for every attempt
+    assert all(s["refinements"] == 3 and not s["passed"] for s in outcome.summary.values())
+    assert [e["decision"].split(";")[0] for e in outcome.log if e["subject"] == "cat"] == \
+        ["refine", "retry", "retry", "give up"]
+
+
+def test_best_attempt_is_kept_even_when_a_later_one_is_worse(run_loop, base_result, tiny_models, tiny_config):
+    outcome, _ = run_loop({"cat": [0.2, 0.45, 0.3], "mug": [0.9]})
+    assert outcome.summary["cat"] == {"before": 0.2, "after": 0.45, "refinements": 2, "kept_attempt": 1,
+                                      "passed": False, "reason": "identity 0.450 < threshold 0.500"}
+    assert outcome.log[1]["decision"].endswith("best so far: attempt 1")
+    assert outcome.log[2]["decision"].endswith("best so far: attempt 1")
+    seed1 = outcome.log[1]["seed"]  # the kept image is attempt 1's: rebuild it and compare
+    attempt1, _ = hp.region_pass(tiny_models, tiny_config, base_result.final, base_result.masks,
+                                 tiny_config.subject("cat"), seed1, 0.65, emphasis_weight=1.3)
+    cat = base_result.masks.support["cat"]
+    assert np.array_equal(np.asarray(outcome.final)[cat], np.asarray(attempt1)[cat])
+
+
+def test_pixels_outside_refined_masks_are_untouched(run_loop, base_result):
+    outcome, _ = run_loop({"cat": [0.1, 0.9], "mug": [0.9]})
+    before, after = np.asarray(base_result.final), np.asarray(outcome.final)
+    outside_cat = ~base_result.masks.support["cat"]
+    assert np.array_equal(before[outside_cat], after[outside_cat])
+    assert not np.array_equal(before, after)
+
+
+def test_leakage_fails_a_subject_even_above_threshold(tiny_models, tiny_config, base_result, monkeypatch):
+    class Leaky(ScriptedScorer):
+        def leakage_row(self, image):
+            return {"cat": 0.8, "mug": 0.95}  # every region looks more like the mug
+
+    scorer = Leaky({"cat": [0.8], "mug": [0.95]})
+    config = tiny_config.replace(max_retries=1, qa_threshold_mode="fixed", qa_pass_threshold=0.5)
+    outcome = qa.qa_loop(tiny_models, base_result, config, scorer)
+    cat_log = [e for e in outcome.log if e["subject"] == "cat"]
+    assert cat_log[0]["decision"] == "refine" and "looks more like 'mug'" in cat_log[0]["reason"]
+    assert outcome.summary["mug"]["refinements"] == 0
+
+
+def test_log_lists_every_decision_and_saves(run_loop, tmp_path):
+    outcome, refinements = run_loop({"cat": [0.1, 0.9], "mug": [0.9]})
+    assert len(outcome.log) == 2 + len(refinements)
+    keys = {"subject", "attempt", "seed", "identity", "prompt_score", "leakage", "threshold", "decision", "seconds"}
+    assert all(keys <= set(e) for e in outcome.log)
+    path = outcome.save(tmp_path)
+    assert path.exists() and (tmp_path / "final.png").exists()
+    rows = outcome.ablation_rows()
+    assert [r["refinements"] for r in rows] == [1, 0]
+
+
+def test_open_clip_scorer_end_to_end_is_finite_and_reproducible(tiny_models, tiny_config, base_result):
+    scorer = qa.ClipScorer.for_config(tiny_config)
+    thresholds = qa.subject_thresholds(scorer, tiny_config)
+    assert all(0 < t < 1 for t in thresholds.values())
+    first = qa.qa_loop(tiny_models, base_result, tiny_config, scorer, thresholds)
+    second = qa.qa_loop(tiny_models, base_result, tiny_config, qa.ClipScorer.for_config(tiny_config), thresholds)
+    strip = lambda log: [{k: v for k, v in e.items() if k != "seconds"} for e in log]  # noqa: E731
+    assert strip(first.log) == strip(second.log)
+    assert all(math.isfinite(e["identity"]) and math.isfinite(e["prompt_score"]) for e in first.log)
+    assert np.array_equal(np.asarray(first.final), np.asarray(second.final))
+
+
+def test_thresholds_calibrated_and_fixed(tiny_config):
+    scorer = ScriptedScorer({"cat": [0.5], "mug": [0.5]}, references=0.9)
+    assert qa.subject_thresholds(scorer, tiny_config.replace(qa_calibration_fraction=0.5)) == \
+        {"cat": pytest.approx(0.45), "mug": pytest.approx(0.45)}
+    assert qa.subject_thresholds(scorer, tiny_config.replace(qa_threshold_mode="fixed", qa_pass_threshold=0.3)) == \
+        {"cat": 0.3, "mug": 0.3}
+    scorer.references = float("nan")  # one reference photo: cannot calibrate
+    with pytest.warns(UserWarning, match="one reference photo"):
+        assert qa.subject_thresholds(scorer, tiny_config)["cat"] == tiny_config.qa_pass_threshold
+
+
+def test_evaluator_clip_score_api(tiny_config, base_result):
+    evaluator = qa.Evaluator(config=tiny_config)
+    score = evaluator.compute_clip_score(base_result.final, "a cat and a mug")
+    assert 0.0 <= score <= 100.0
+    assert score == evaluator.compute_clip_score(base_result.final, "a cat and a mug")
