@@ -70,7 +70,8 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
-        dtype = next(self.model.parameters()).dtype
+        visual = self.model.visual
+        dtype = getattr(getattr(visual, "conv1", None), "weight", next(visual.parameters())).dtype
         features = self.model.encode_image(batch.to(dtype)).float()
         return features / features.norm(dim=-1, keepdim=True)
 
