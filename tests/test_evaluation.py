@@ -1,0 +1,47 @@
+import numpy as np
+from PIL import Image
+
+from helpers import evaluation as he
+from helpers.layout import default_layout, masks
+
+
+def test_identical_images_give_maximal_similarity(tiny_config):
+    from helpers.qa import ClipScorer
+    refs = {"cat": [Image.new("RGB", (64, 64), (200, 100, 50))], "mug": [Image.new("RGB", (64, 64), (20, 40, 220))]}
+    scorer = ClipScorer.for_config(tiny_config, references=refs)
+    assert abs(scorer.identity(refs["cat"][0], "cat") - 1.0) < 1e-5
+    assert scorer.identity(refs["cat"][0], "mug") < scorer.identity(refs["cat"][0], "cat")
+
+
+def test_leakage_matrix_of_swapped_crops_is_transposed():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1, 16)), rng.normal(size=(1, 16))
+    m = he.leakage_matrix_from_embeddings({"cat": a, "mug": b}, {"cat": b, "mug": a})
+    swapped = he.leakage_matrix_from_embeddings({"cat": b, "mug": a}, {"cat": a, "mug": b})
+    np.testing.assert_allclose(swapped, m.T)
+    same = he.leakage_matrix_from_embeddings({"cat": a, "mug": b}, {"cat": a, "mug": b})
+    np.testing.assert_allclose(np.diag(same), [1.0, 1.0])
+
+
+def test_outside_mask_invariant_detects_one_pixel():
+    m = masks(default_layout(["cat", "mug"], 64, 64), 64, 64, 2)
+    coarse = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    inside = np.asarray(coarse).copy()
+    inside[m.support["cat"]] = 0
+    assert he.outside_mask_max_diff(Image.fromarray(inside), coarse, m) == 0
+    changed = np.asarray(coarse).copy()
+    y, x = np.argwhere(~m.union_dilated)[0]
+    changed[y, x, 1] = (int(changed[y, x, 1]) + 7) % 256
+    assert he.outside_mask_max_diff(Image.fromarray(changed), coarse, m) == 7
+
+
+def test_summary_and_tables(tmp_path):
+    rows = [{"method": meth, "clip_i": v, "clip_t": 0.1, "leak_max_other": 0.2, "seconds": 1.0}
+            for meth, v in [("baseline", 0.2), ("baseline", 0.4), ("ours", 0.5), ("ours+qa", 0.7)]]
+    summary = he.summarize(rows)
+    assert [s["method"] for s in summary] == ["baseline", "ours", "ours+qa"]
+    assert abs(summary[0]["clip_i_mean"] - 0.3) < 1e-9 and abs(summary[0]["clip_i_std"] - 0.1) < 1e-9
+    table = he.markdown_table(summary)
+    assert table.splitlines()[0].startswith("| method | n | clip_i_mean")
+    path = he.write_csv(rows, tmp_path / "m.csv")
+    assert path.read_text().splitlines()[0] == "method,clip_i,clip_t,leak_max_other,seconds"

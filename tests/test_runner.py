@@ -1,0 +1,68 @@
+import io
+import json
+
+import nbformat
+
+from helpers.run import CHECK_MARK, NOTEBOOKS_DIR, clean_notebook, parse_value, run_series, series_notebooks
+
+
+def _notebook(path, sources):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cells = [nbformat.v4.new_code_cell("x = 1")]
+    cells[0].metadata["tags"] = ["parameters"]
+    nb.cells = cells + [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+
+
+def test_runner_stops_at_the_failing_notebook_and_names_the_cell(tmp_path):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _notebook(folder / "00_ok.ipynb", ["print(x)"])
+    _notebook(folder / "01_bad.ipynb", ["y = x + 1", "raise RuntimeError('boom in cell two')"])
+    _notebook(folder / "02_never.ipynb", ["print('unreachable')"])
+    out = io.StringIO()
+    runs, code = run_series(folder, str(tmp_path / "out"), parameters={"x": 5}, progress=False, stream=out)
+    text = out.getvalue()
+    assert code == 1 and [r.name for r in runs] == ["00_ok.ipynb", "01_bad.ipynb"]
+    assert "FAILED: 01_bad.ipynb, cell" in text and "RuntimeError: boom in cell two" in text
+    assert str(tmp_path / "out" / "executed" / "01_bad.ipynb") in text
+    executed = nbformat.read(tmp_path / "out" / "executed" / "00_ok.ipynb", 4)
+    assert any("5" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))  # -p reached it
+
+
+def test_parse_value():
+    assert parse_value("4") == 4 and parse_value("True") is True and parse_value("a cat") == "a cat"
+    assert parse_value("0.5") == 0.5
+
+
+def test_series_has_six_notebooks_with_parameters_badge_and_profile():
+    notebooks = series_notebooks(NOTEBOOKS_DIR)
+    assert [p.name[:2] for p in notebooks] == ["00", "01", "02", "03", "04", "05"]
+    for path in notebooks:
+        nb = nbformat.read(path, 4)
+        assert "colab-badge.svg" in nb.cells[0].source, path.name
+        assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1, path.name
+        assert any("notebook_config(" in c.source for c in nb.cells), path.name  # prints the profile
+        assert any(CHECK_MARK in c.source for c in nb.cells), path.name
+
+
+def test_notebooks_in_git_are_clean():
+    for path in series_notebooks(NOTEBOOKS_DIR):
+        nb = nbformat.read(path, 4)
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            assert cell.execution_count is None, path.name
+            for output in cell.outputs:
+                assert CHECK_MARK in cell.source and output["output_type"] == "stream", path.name
+        assert json.dumps(nbformat.writes(clean_notebook(nbformat.read(path, 4)))) == \
+            json.dumps(nbformat.writes(nb)), f"{path.name}: run `python -m helpers clean-notebooks`"
+
+
+def test_checked_cells_have_stored_output():
+    for path in series_notebooks(NOTEBOOKS_DIR):
+        nb = nbformat.read(path, 4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and CHECK_MARK in cell.source:
+                assert cell.outputs, f"{path.name}: a checked cell without stored output checks nothing"
