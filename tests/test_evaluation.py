@@ -45,3 +45,17 @@ def test_summary_and_tables(tmp_path):
     assert table.splitlines()[0].startswith("| method | n | clip_i_mean")
     path = he.write_csv(rows, tmp_path / "m.csv")
     assert path.read_text().splitlines()[0] == "method,clip_i,clip_t,leak_max_other,seconds"
+
+
+def test_report_references_only_existing_images_and_states_the_profile(tmp_path, tiny_config):
+    import re
+
+    from helpers import figures as hf
+    fig = hf.image_grid([Image.new("RGB", (8, 8))], ["x"])
+    figs = {"grid": hf.save_figure(fig, tmp_path / "figures" / "grid.png")}
+    html_path, md_path = hf.write_report(tmp_path, tiny_config, {"t": "| a | b |\n|---|---|\n| 1 | 2 |"}, figs, ["n"])
+    html = html_path.read_text()
+    sources = re.findall(r"<img src='([^']+)'", html)
+    assert sources == ["figures/grid.png"] and all((tmp_path / s).exists() for s in sources)
+    assert "RANDOM WEIGHTS" in html and "RANDOM WEIGHTS" in md_path.read_text()
+    assert "<td>1</td>" in html
