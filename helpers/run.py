@@ -102,11 +102,12 @@ def is_checked(cell) -> bool:
 
 
 def clean_notebook(nb, checked_outputs: dict[int, list] | None = None):
-    """No execution counts, no outputs except the text output of ``# NBVAL_CHECK_OUTPUT`` cells."""
+    """No execution counts, no outputs except the text output of ``# NBVAL_CHECK_OUTPUT`` cells (those keep a fixed
+    count of 1: nbval treats a cell with outputs but no count as never run)."""
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
+        cell.execution_count = 1 if is_checked(cell) else None
         outputs = checked_outputs.get(index, cell.outputs) if checked_outputs is not None else cell.outputs
         cell.outputs = [_strip_counts(o) for o in outputs if is_checked(cell) and o.get("output_type") == "stream"
                         and o.get("name") == "stdout"] if is_checked(cell) else []
