@@ -110,7 +110,6 @@ def bench_qa(models, config, result, results):
     results["qa_refine_one_subject_s"], _ = timed(
         lambda: hp.region_pass(models, config, result.final, result.masks, subject, 123, config.refine_strength,
                                emphasis_weight=config.prompt_boost), repeat=2)
-    del scorer
     torch.cuda.empty_cache()
 
 
@@ -139,7 +138,7 @@ def bench_training(models, config, results, steps: int):
             key = "with" if checkpointing else "without"
             results[f"train_s_per_step_{key}_checkpointing"] = per_step
             results[f"train_peak_gib_{key}_checkpointing"] = torch.cuda.max_memory_allocated() / 2**30
-            results[f"train_optimizer"] = type(trainer.optimizer).__name__
+            results["train_optimizer"] = type(trainer.optimizer).__name__
         finally:
             trainer.close()
     restore_encoders(models)

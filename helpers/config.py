@@ -9,9 +9,10 @@ import dataclasses
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("tiny", "sdxl", "sdxl-random")
@@ -218,12 +219,23 @@ class ProjectConfig:
         return dataclasses.replace(self, **changes)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so a crash never leaves half a file behind."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` (same suffix, so writers infer the format); when the block succeeds it replaces
+    ``path`` in one rename, so a crash never leaves half a file behind; on error the temp file is removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def resolve_profile(profile: str = "auto") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ProjectConfig, Subject
+from .config import ProjectConfig, Subject, atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_PHOTOS_ADVISED = 3
@@ -108,8 +108,7 @@ def make_demo_subjects(data_dir: Path, size: int = 256, overwrite: bool = False)
             view = center_square(view, size)
             if mirror:
                 view = view.transpose(Image.FLIP_LEFT_RIGHT)
-            tmp = target.with_name(f".{target.name}.tmp")
-            view.save(tmp, format="JPEG", quality=92)
-            tmp.replace(target)
+            with atomic_path(target) as tmp:
+                view.save(tmp, format="JPEG", quality=92)
             written.append(target)
     return written

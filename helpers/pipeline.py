@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ProjectConfig, Subject, write_text_atomic
+from .config import ProjectConfig, Subject, atomic_path, write_text_atomic
 from .layout import Layout, MaskSet, masks
 from .models import ModelBundle
 
@@ -192,10 +192,8 @@ class GenerationResult:
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ProjectConfig, Subject, write_text_atomic
+from .config import ProjectConfig, Subject, atomic_path, write_text_atomic
 from .data import augment, load_subject_photos, subject_photo_paths
 from .models import ModelBundle, load_models, model_source
 from .pipeline import LORA_WEIGHTS_FILE, only_adapter, save_image_atomic
@@ -275,9 +275,8 @@ class LoraTrainer:
         metadata = {"step": str(self.step_count), "config_hash": config_hash,
                     "loss_history": json.dumps(self.loss_history), "param_groups": json.dumps(opt["param_groups"]),
                     "opt_scalars": json.dumps(scalars)}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def load_checkpoint(self, path: Path, config_hash: str) -> bool:
         """Restore weights, optimizer and RNG; False (and a warning) for a foreign or unreadable checkpoint."""

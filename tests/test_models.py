@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import models as hm
-from helpers.config import PROJECT_ROOT, make_config
+from helpers.config import PROJECT_ROOT
 from helpers.pipeline import generate_scene
 
 PROMPTS = [
