@@ -336,19 +336,29 @@ def restore_encoders(models: ModelBundle) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # entry points
 # ----------------------------------------------------------------------------------------------------------------
+def skip_report(config: ProjectConfig, subject: Subject, config_hash: str) -> TrainReport | None:
+    """A "skipped" report when the subject's LoRA exists and was trained with this exact config, else None."""
+    folder = config.lora_path(subject)
+    meta = read_meta(folder)
+    if not (folder / LORA_WEIGHTS_FILE).exists() or not meta or meta.get("config_hash") != config_hash:
+        return None
+    return TrainReport(subject.name, "skipped", meta["steps_done"], 0.0, meta.get("loss_history", []),
+                       str(folder / LORA_WEIGHTS_FILE), f"{subject.name}: LoRA up to date (hash {config_hash}), skipped")
+
+
 def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, force: bool = False,
-                  stop_after_steps: int | None = None, progress: bool = True) -> TrainReport:
+                  stop_after_steps: int | None = None, progress: bool = True,
+                  fingerprint: dict | None = None) -> TrainReport:
     """Train (or skip, or resume) one subject's LoRA; see the module docstring for the rules."""
     from tqdm.auto import tqdm
 
     folder = config.lora_path(subject)
-    fingerprint = training_fingerprint(config, subject, model_source(config.profile))
+    fingerprint = fingerprint or training_fingerprint(config, subject, model_source(config.profile))
     config_hash = fingerprint_hash(fingerprint)
+    if not force and (skipped := skip_report(config, subject, config_hash)):
+        return skipped
     meta = read_meta(folder)
     lora_file = folder / LORA_WEIGHTS_FILE
-    if not force and lora_file.exists() and meta and meta.get("config_hash") == config_hash:
-        return TrainReport(subject.name, "skipped", meta["steps_done"], 0.0, meta.get("loss_history", []),
-                           str(lora_file), f"{subject.name}: LoRA up to date (hash {config_hash}), skipped")
     message = ""
     if lora_file.exists() and meta and not force:
         what = ", ".join(changed_keys(meta.get("fingerprint", {}), fingerprint)) or "unknown"
@@ -405,23 +415,11 @@ def run_training(config: ProjectConfig, force: bool = False, models: ModelBundle
     """
     reports = {}
     for subject in config.subjects:
-        if models is None and _needs_training(config, subject, force):
-            models = load_models(config)
-        if models is None:  # everything is up to date: no need to load a model at all
-            meta = read_meta(config.lora_path(subject))
-            reports[subject.name] = TrainReport(subject.name, "skipped", meta["steps_done"], 0.0,
-                                                meta.get("loss_history", []),
-                                                str(config.lora_path(subject) / LORA_WEIGHTS_FILE),
-                                                f"{subject.name}: LoRA up to date, skipped")
-        else:
-            reports[subject.name] = train_subject(models, config, subject, force, stop_after_steps, progress)
-        print(reports[subject.name].message)
+        fingerprint = training_fingerprint(config, subject, model_source(config.profile))
+        report = None if force else skip_report(config, subject, fingerprint_hash(fingerprint))
+        if report is None:  # the model is loaded only when something needs training
+            models = models or load_models(config)
+            report = train_subject(models, config, subject, force, stop_after_steps, progress, fingerprint)
+        reports[subject.name] = report
+        print(report.message)
     return reports
-
-
-def _needs_training(config: ProjectConfig, subject: Subject, force: bool) -> bool:
-    meta = read_meta(config.lora_path(subject))
-    if force or not meta or not (config.lora_path(subject) / LORA_WEIGHTS_FILE).exists():
-        return True
-    fingerprint = training_fingerprint(config, subject, model_source(config.profile))
-    return meta.get("config_hash") != fingerprint_hash(fingerprint)
