@@ -11,8 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .layout import SHAPES, Layout, LayoutError, Region, default_layout, validate_layout
-
-COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
+from .layout import SUBJECT_COLORS as COLORS
 
 
 def render_preview(layout: Layout, size: int = 384, background: Image.Image | None = None) -> Image.Image:

@@ -11,9 +11,8 @@ import numpy as np
 from PIL import Image
 
 from .config import ProjectConfig, atomic_path, write_text_atomic
+from .layout import SUBJECT_COLORS as COLORS
 from .layout import Layout, MaskSet
-
-COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:

@@ -19,6 +19,7 @@ SHAPES = ("box", "ellipse")
 MIN_REGION_SIZE = 0.08  # fraction of the canvas side: smaller regions are too few latent pixels to hold a subject
 MAX_OVERLAP = 0.05  # fraction of the smaller region that may be shared with another
 LAYOUT_FILE = "layout.json"
+SUBJECT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]  # one per region, in order
 
 
 class LayoutError(ValueError):
