@@ -269,8 +269,6 @@ def make_config(profile: str = "auto", output_dir: str | None = None, **override
     unknown = sorted(set(changes) - {f.name for f in fields(ProjectConfig)})
     if unknown:
         raise ValueError(f"ProjectConfig: unknown field(s) {', '.join(unknown)}")
-    if "subjects" in changes:
-        changes["subjects"] = [s if isinstance(s, Subject) else Subject(**s) for s in changes["subjects"]]
     return base.replace(output_dir=output_dir, **changes)
 
 

@@ -272,11 +272,10 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
     seed = config.seed if seed is None else seed
     check_layout_matches(layout, config)
     masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
-    total = time.perf_counter()
     start = time.perf_counter()
     coarse = generate_scene(models, config, scene_prompt, seed)
-    result = GenerationResult(scene_prompt, seed, layout, masks_, coarse, seconds={"phase0": 0.0})
-    result.seconds["phase0"] = time.perf_counter() - start
+    result = GenerationResult(scene_prompt, seed, layout, masks_, coarse,
+                              seconds={"phase0": time.perf_counter() - start})
     image = coarse
     for index, region in enumerate(layout.regions):
         subject = config.subject(region.subject)
@@ -285,7 +284,7 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
         result.passes.append(info)
         result.stages.append(image)
         result.seconds[f"phase1_{subject.name}"] = info.seconds
-    result.seconds["total"] = time.perf_counter() - total
+    result.seconds["total"] = time.perf_counter() - start
     return result
 
 

@@ -7,11 +7,13 @@ that subject's reference photos; prompt adherence = CLIP-T between the crop and 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -105,27 +107,38 @@ class ClipScorer:
         return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
+@contextmanager
+def _root_logger_at_error() -> Iterator[None]:
+    """open_clip warns "no pretrained weights" on the root logger for random towers; silence only that call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def load_clip(config: ProjectConfig, device: torch.device):
     """open_clip model + preprocess + tokenizer for the profile (random tiny tower offline, ViT-H-14 for sdxl)."""
-    import logging
-
     import open_clip
 
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at WARNING for tiny/random
     if config.profile == "tiny":
         path = config.cache_path / f"{TINY_CLIP_NAME}.json"
         if not path.exists():
             write_text_atomic(path, json.dumps(TINY_CLIP_CONFIG))
         open_clip.add_model_config(path)
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
+        with _root_logger_at_error():
+            model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
         return model, preprocess, open_clip.get_tokenizer(TINY_CLIP_NAME), f"{TINY_CLIP_NAME} (random weights)"
     arch, weights = SDXL_CLIP
     precision = "fp16" if device.type == "cuda" else "fp32"
     if config.profile == "sdxl-random":
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
-                                                                     precision=precision)
+        with _root_logger_at_error():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
+                                                                         precision=precision)
         return model, preprocess, open_clip.get_tokenizer(arch), f"{arch} (random weights)"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device,
