@@ -6,16 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .config import ProjectConfig, write_text_atomic
-from .layout import Layout, MaskSet, masks
+from .layout import Layout, MaskSet
 from .models import ModelBundle
 from .pipeline import GenerationResult, coarse_to_fine, crop_box_for, one_pass_baseline
-from .qa import ClipScorer, qa_loop, subject_thresholds
+from .qa import ClipScorer, QAOutcome, qa_loop, subject_thresholds
 
 METHODS = ("baseline", "ours", "ours+qa")
 
@@ -73,11 +74,22 @@ def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, confi
     return rows
 
 
+@dataclass
+class Experiments:
+    """Metric rows, QA ablation rows, and the images of the first (prompt, seed) for the figures."""
+
+    rows: list[dict]
+    ablation: list[dict]
+    first_baseline: Image.Image
+    first_result: GenerationResult
+    first_qa: QAOutcome
+
+
 def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, scorer: ClipScorer,
-                    prompts: list[str], seeds: list[int], dino=None) -> tuple[list[dict], list[dict]]:
-    """Baseline vs ours vs ours+QA for every (prompt, seed); returns metric rows and the QA ablation rows."""
+                    prompts: list[str], seeds: list[int], dino=None) -> Experiments:
+    """Baseline vs ours vs ours+QA for every (prompt, seed)."""
     thresholds = subject_thresholds(scorer, config)
-    rows, ablation = [], []
+    rows, ablation, first = [], [], None
     for prompt in prompts:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -95,7 +107,8 @@ def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, 
                                  "outside_max_diff": outside, "seconds": seconds})
             for a in outcome.ablation_rows():
                 ablation.append({"prompt": prompt, "seed": seed, **a})
-    return rows, ablation
+            first = first or (baseline, result, outcome)
+    return Experiments(rows, ablation, *first)
 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "seconds")) \
@@ -142,10 +155,5 @@ def experiment_prompts(config: ProjectConfig) -> list[str]:
     return variants[:config.eval_prompts]
 
 
-def masks_for(layout: Layout, config: ProjectConfig) -> MaskSet:
-    return masks(layout, config.resolution, config.resolution, config.effective_feather_px)
-
-
-__all__ = ["cosine_matrix", "leakage_matrix", "leakage_matrix_from_embeddings", "outside_mask_max_diff",
-           "image_metrics", "run_experiments", "summarize", "write_csv", "markdown_table", "experiment_prompts",
-           "masks_for"]
+__all__ = ["Experiments", "cosine_matrix", "leakage_matrix", "leakage_matrix_from_embeddings", "outside_mask_max_diff",
+           "image_metrics", "run_experiments", "summarize", "write_csv", "markdown_table", "experiment_prompts"]
