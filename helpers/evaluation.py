@@ -41,9 +41,12 @@ def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, name
                    margin: float) -> np.ndarray:
     """Rows: the region meant for subject i; columns: similarity to subject j's references. A healthy image has its
     largest value of every row on the diagonal."""
-    crops = region_crops(image, masks_, names, margin)
+    return _leakage_of_crops(scorer, region_crops(image, masks_, names, margin))
+
+
+def _leakage_of_crops(scorer: ClipScorer, crops: dict[str, Image.Image]) -> np.ndarray:
     crop_emb = {n: scorer.embed_images([c]).cpu().numpy() for n, c in crops.items()}
-    ref_emb = {n: scorer.reference_embeddings(n).cpu().numpy() for n in names}
+    ref_emb = {n: scorer.reference_embeddings(n).cpu().numpy() for n in crops}
     return leakage_matrix_from_embeddings(crop_emb, ref_emb)
 
 
@@ -59,8 +62,8 @@ def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, confi
     """Per subject: CLIP-I, CLIP-T of the crop vs its class prompt, the strongest rival's similarity, and the
     whole image's CLIP-T vs the scene prompt (DINO too when a DINO scorer is given)."""
     names = config.subject_names
-    matrix = leakage_matrix(scorer, image, masks_, names, config.region_margin)
     crops = region_crops(image, masks_, names, config.region_margin)
+    matrix = _leakage_of_crops(scorer, crops)
     scene_score = scorer.prompt_score(image, scene_prompt)
     rows = []
     for i, subject in enumerate(config.subjects):

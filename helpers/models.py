@@ -92,24 +92,18 @@ class ModelBundle:
 
 def quiet_libraries() -> None:
     """Keep notebook output readable: library progress bars and info chatter off, warnings and errors on."""
-    import diffusers
-    import transformers
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
 
 def load_models(config: ProjectConfig, device: str | torch.device | None = None) -> ModelBundle:
     """Build the pipelines of ``config.profile``; the inpainting pipeline shares every component (``from_pipe``)."""
-    if config.profile == "sdxl":  # before the heavy imports, so a machine without the weights hears it in seconds
-        for repo_id, index_file in ((SDXL_VAE_FP16_FIX_ID, "config.json"), (SDXL_BASE_ID, "model_index.json")):
-            check_hub_weights(repo_id, index_file)
-    from diffusers import StableDiffusionXLInpaintPipeline
-
-    quiet_libraries()
     device = torch.device(device) if device else default_device()
     if config.profile == "tiny":
         folder = ensure_tiny_pipeline(config.cache_path)
@@ -125,6 +119,8 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None)
         txt2img, source = build_sdxl_random_pipeline(device, dtype), "random full-size SDXL architecture"
     else:
         raise ValueError(f"ProjectConfig.profile: cannot load models for {config.profile!r}")
+    from diffusers import StableDiffusionXLInpaintPipeline
+
     txt2img.set_progress_bar_config(disable=True)
     inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img)
     inpaint.set_progress_bar_config(disable=True)
@@ -144,6 +140,7 @@ def default_device() -> torch.device:
 def _load_pipeline_dir(folder: Path, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionXLPipeline
 
+    quiet_libraries()
     pipe = StableDiffusionXLPipeline.from_pretrained(
         folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True, add_watermarker=False)
     return pipe if device.type == "cpu" else pipe.to(device)
@@ -333,21 +330,22 @@ def check_hub_weights(repo_id: str, index_file: str) -> bool:
     return False
 
 
-def _from_pretrained(cls, repo_id: str, index_file: str, **kwargs):
-    """``cls.from_pretrained`` from the local cache when it is there, else from the Hub (checked reachable first)."""
-    cached = check_hub_weights(repo_id, index_file)
-    return cls.from_pretrained(repo_id, local_files_only=cached or _hub_offline(), token=hub_token(), **kwargs)
-
-
 def load_sdxl_pipeline(dtype: torch.dtype):
-    """SDXL base with the fp16-fix VAE (the original VAE overflows in fp16 and gives black images)."""
+    """SDXL base with the fp16-fix VAE (the original VAE overflows in fp16 and gives black images).
+
+    Both repos are checked (cache, else a reachable Hub) before the pipeline classes are imported, so a machine
+    without the weights hears it in seconds; cached repos load with ``local_files_only``."""
+    vae_cached = check_hub_weights(SDXL_VAE_FP16_FIX_ID, "config.json")
+    base_cached = check_hub_weights(SDXL_BASE_ID, "model_index.json")
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    variant = "fp16" if dtype == torch.float16 else None
-    vae = _from_pretrained(AutoencoderKL, SDXL_VAE_FP16_FIX_ID, "config.json", torch_dtype=dtype,
-                           use_safetensors=True)
-    return _from_pretrained(StableDiffusionXLPipeline, SDXL_BASE_ID, "model_index.json", vae=vae, torch_dtype=dtype,
-                            variant=variant, use_safetensors=True, add_watermarker=False)
+    quiet_libraries()
+    common = dict(torch_dtype=dtype, use_safetensors=True, token=hub_token())
+    vae = AutoencoderKL.from_pretrained(SDXL_VAE_FP16_FIX_ID, local_files_only=vae_cached or _hub_offline(),
+                                        **common)
+    return StableDiffusionXLPipeline.from_pretrained(
+        SDXL_BASE_ID, vae=vae, variant="fp16" if dtype == torch.float16 else None, add_watermarker=False,
+        local_files_only=base_cached or _hub_offline(), **common)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,6 +385,7 @@ def build_sdxl_random_pipeline(device: torch.device, dtype: torch.dtype, seed: i
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    quiet_libraries()
     torch.manual_seed(seed)
     common = dict(max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     with torch.device(device):

@@ -59,6 +59,7 @@ class ClipScorer:
         self.references = references
         self.subject_names = list(references)
         self._reference_embeddings: dict[str, torch.Tensor] = {}
+        self._text_embeddings: dict[str, torch.Tensor] = {}  # the QA loop asks for the same class prompts again
 
     @classmethod
     def for_config(cls, config: ProjectConfig, device: torch.device | str | None = None,
@@ -95,7 +96,9 @@ class ClipScorer:
         return float((self.embed_images([image]) @ self.reference_embeddings(subject).T).mean())
 
     def prompt_score(self, image: Image.Image, text: str) -> float:
-        return float((self.embed_images([image]) @ self.embed_texts([text]).T).item())
+        if text not in self._text_embeddings:
+            self._text_embeddings[text] = self.embed_texts([text])
+        return float((self.embed_images([image]) @ self._text_embeddings[text].T).item())
 
     def reference_similarity(self, subject: str) -> float:
         """Mean pairwise similarity of a subject's own photos (nan with a single photo)."""
