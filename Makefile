@@ -20,8 +20,9 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m helpers run --profile tiny
 
+# Notebooks first: the browser test then opens the report that the nbval run of the series just wrote.
 test: install
-	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+	$(PY) -m pytest --nbval-lax notebooks tests -p no:cacheprovider
 
 clean-notebooks: install
 	$(PY) -m helpers clean-notebooks
