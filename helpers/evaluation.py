@@ -116,7 +116,9 @@ def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "seconds")) \
         -> list[dict]:
-    """Mean and standard deviation per method (over subjects, seeds and prompts)."""
+    """Mean and standard deviation per method (over subjects, seeds and prompts); DINO too when it was measured."""
+    if any("dino" in r for r in rows):
+        metrics = (*metrics, "dino")
     out = []
     for method in METHODS:
         sel = [r for r in rows if r["method"] == method]

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .config import ProjectConfig, Subject, write_text_atomic
 from .data import load_subject_photos
-from .models import ModelBundle, ModelUnavailableError, default_device
+from .models import ModelBundle, ModelUnavailableError, check_hub_weights, default_device
 from .pipeline import GenerationResult, crop_box_for, region_pass, subject_seed
 
 TINY_CLIP_NAME = "helpers-tiny-clip"
@@ -178,6 +178,18 @@ class DinoScorer:
         if subject not in self._cache:
             self._cache[subject] = self.embed_images(self.references[subject])
         return float((self.embed_images([image]) @ self._cache[subject].T).mean())
+
+
+def optional_dino_scorer(config: ProjectConfig, scorer: ClipScorer) -> DinoScorer | None:
+    """DINOv2 on the sdxl profile when its weights can be had, else None (the tiny profile has no DINO twin)."""
+    if config.profile != "sdxl":
+        return None
+    try:
+        check_hub_weights(DINO_ID, "config.json")
+        return DinoScorer(scorer.references, scorer.device)
+    except ModelUnavailableError as e:
+        warnings.warn(f"DINO scores skipped: {e}")
+        return None
 
 
 class Evaluator:

@@ -59,3 +59,9 @@ def test_report_references_only_existing_images_and_states_the_profile(tmp_path,
     assert sources == ["figures/grid.png"] and all((tmp_path / s).exists() for s in sources)
     assert "RANDOM WEIGHTS" in html and "RANDOM WEIGHTS" in md_path.read_text()
     assert "<td>1</td>" in html
+
+
+def test_summary_includes_dino_only_when_measured():
+    rows = [{"method": "ours", "clip_i": 0.5, "clip_t": 0.1, "leak_max_other": 0.2, "seconds": 1.0}]
+    assert "dino_mean" not in he.summarize(rows)[0]
+    assert he.summarize([{**rows[0], "dino": 0.8}])[0]["dino_mean"] == 0.8

@@ -160,3 +160,12 @@ def test_evaluator_clip_score_api(tiny_config, base_result):
     score = evaluator.compute_clip_score(base_result.final, "a cat and a mug")
     assert 0.0 <= score <= 100.0
     assert score == evaluator.compute_clip_score(base_result.final, "a cat and a mug")
+
+
+def test_dino_only_on_the_sdxl_profile(tiny_config, monkeypatch):
+    scorer = qa.ClipScorer.for_config(tiny_config)
+    assert qa.optional_dino_scorer(tiny_config, scorer) is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sdxl = tiny_config.replace(profile="sdxl")
+    with pytest.warns(UserWarning, match="DINO scores skipped.*facebook/dinov2-base"):
+        assert qa.optional_dino_scorer(sdxl, scorer) is None
