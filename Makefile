@@ -22,7 +22,7 @@ run: install
 
 # Notebooks first: the browser test then opens the report that the nbval run of the series just wrote.
 test: install
-	$(PY) -m pytest --nbval-lax notebooks tests -p no:cacheprovider
+	$(PY) -m pytest --nbval-lax notebooks tests -p no:cacheprovider --durations=15
 
 clean-notebooks: install
 	$(PY) -m helpers clean-notebooks

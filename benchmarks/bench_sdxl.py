@@ -22,6 +22,7 @@ from helpers.config import ProjectConfig  # noqa: E402
 from helpers.layout import default_layout  # noqa: E402
 from helpers.models import load_models  # noqa: E402
 from helpers import pipeline as hp  # noqa: E402
+from helpers.adapters import only_adapter  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -74,7 +75,7 @@ def bench_generation(models, config, results):
                                    num_inference_steps=steps, generator=models.generator(0), output_type="latent")
     timed(lambda: models.txt2img(prompt="warm up", height=size, width=size, num_inference_steps=2,
                                  output_type="latent"))
-    with hp.only_adapter(models, None):
+    with only_adapter(models, None):
         results["plain_txt2img_s"], _ = timed(plain, repeat=3)
         image = Image.new("RGB", (size, size), (128, 128, 128))
         mask = Image.new("L", (size, size), 0)
@@ -99,7 +100,8 @@ def bench_generation(models, config, results):
 def bench_qa(models, config, result, results):
     from PIL import Image
 
-    from helpers.qa import ClipScorer, score_subject
+    from helpers.qa import score_subject
+    from helpers.scoring import ClipScorer
 
     refs = {name: [Image.new("RGB", (256, 256), (40 * i, 90, 160)) for i in range(4)] for name in config.subject_names}
     scorer = ClipScorer.for_config(config, device=models.device, references=refs)

@@ -1,9 +1,22 @@
 """Several of your own subjects in one SDXL image, without them bleeding into each other.
 
-One module per stage: ``config`` -> ``models`` -> ``data``/``training`` -> ``layout``/``designer`` -> ``pipeline`` ->
-``qa`` -> ``evaluation``/``figures``; ``run`` executes the notebook series. Notebooks import what they need from here.
-"""
-from .config import QA_PASS_THRESHOLD, SUBJECTS, ProjectConfig, Subject, make_config
+Stage order (a module imports only from modules before it; ``tests/test_structure.py`` checks it):
 
-__all__ = ["QA_PASS_THRESHOLD", "SUBJECTS", "ProjectConfig", "Subject", "make_config"]
+    config -> io -> profiles -> models -> notebook -> data -> adapters -> layout -> designer -> training
+    -> pipeline -> scoring -> qa -> evaluation -> figures -> run
+
+``config`` is plain data; ``io`` writes files atomically; ``profiles`` says where each profile's weights come from and
+``models`` loads them into one bundle of pipelines with the NaN-guarded decode; ``notebook`` builds the config a
+notebook runs with; ``data`` reads subject photos; ``adapters`` switches subject LoRAs and owns the one
+text-to-image call; ``layout`` (+ ``designer``, its ipywidgets UI) says where each subject goes; ``training`` makes
+the LoRAs; ``pipeline`` runs coarse-to-fine; ``scoring`` turns pictures into numbers; ``qa`` refines failing
+subjects; ``evaluation`` compares methods; ``figures`` plots and writes the report; ``run`` executes the notebooks.
+
+Notebooks use one alias per module across the series: ``hn`` notebook, ``hd`` data, ``hm`` models, ``ha`` adapters,
+``hl`` layout, ``hld`` designer, ``ht`` training, ``hp`` pipeline, ``hs`` scoring, ``hq`` qa, ``he`` evaluation,
+``hf`` figures, ``hio`` io.
+"""
+from .config import QA_PASS_THRESHOLD, SUBJECTS, ProjectConfig, Subject
+
+__all__ = ["QA_PASS_THRESHOLD", "SUBJECTS", "ProjectConfig", "Subject"]
 __version__ = "0.1.0"

@@ -1,18 +1,19 @@
 """One config object for the whole series: subjects, paths, model profile, generation, training and QA settings.
 
-Plain data: this module imports nothing else from ``helpers``. Paths are stored relative to the project root so a
-config JSON moves with the project (Colab, a laptop, CI).
+Plain data: no torch, no printing, no file access, nothing else from ``helpers``. Every setting is declared once, with
+its group, its range, whether it decides a LoRA's weights (``hashed``) and its per-profile defaults; the lists other
+code needs (``HASHED_FIELDS``, ``PROFILE_DEFAULTS``, the validation) are derived from those declarations, so adding a
+setting touches one line. Paths are stored relative to the project root so a config moves with the project.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("tiny", "sdxl", "sdxl-random")
@@ -49,58 +50,62 @@ SUBJECTS = [
     Subject("mug", "zwx", "mug", "data/mug", "loras/mug"),
 ]
 
-# Settings whose sensible value depends on the model size; everything else is shared.
-PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=64, steps=4, train_steps=40, train_resolution=64, lora_rank=4, train_batch_size=2,
-                 checkpoint_every=8, num_class_images=4, eval_seeds=2, eval_prompts=1),
-    "sdxl": dict(resolution=1024, steps=30, train_steps=500, train_resolution=1024, lora_rank=16,
-                 train_batch_size=1, checkpoint_every=100, num_class_images=50, eval_seeds=4, eval_prompts=2),
-}
-PROFILE_DEFAULTS["sdxl-random"] = PROFILE_DEFAULTS["sdxl"]
+
+def setting(default: Any, group: str, *, hashed: bool = False, low: float | None = None, high: float | None = None,
+            above: float | None = None, below: float | None = None, choices: tuple | None = None,
+            multiple_of: int | None = None, **profile_defaults: Any) -> Any:
+    """A config field with everything the rest of the code derives from it.
+
+    ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive; keyword arguments named after a profile
+    (``tiny=64, sdxl=1024``) are that profile's default (``sdxl-random`` shares ``sdxl``'s).
+    """
+    meta = dict(group=group, hashed=hashed, low=low, high=high, above=above, below=below, choices=choices,
+                multiple_of=multiple_of, kind=type(default), profiles=profile_defaults)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ProjectConfig:
     """Everything a notebook needs to know. Flat on purpose: papermill parameters override fields by name."""
 
-    profile: str = "tiny"
-    subjects: list[Subject] = field(default_factory=lambda: list(SUBJECTS))
-    output_dir: str = "output"
-    cache_dir: str = "cache"  # relative to output_dir: the tiny model and cached class images live here
+    profile: str = setting("tiny", "model", hashed=True, choices=PROFILES)
+    subjects: list[Subject] = field(default_factory=lambda: list(SUBJECTS), metadata=dict(group="subjects"))
+    output_dir: str = setting("output", "paths")
+    cache_dir: str = setting("cache", "paths")  # relative to output_dir: the tiny model and class images live here
     # generation
-    resolution: int = 64
-    steps: int = 4
-    guidance_scale: float = 5.0
-    seed: int = 0
-    scene_prompt: str = "a cat and a mug on a wooden table, soft window light"
-    negative_prompt: str = "blurry, deformed, low quality"
-    subject_prompt_suffix: str = "on a wooden table, soft window light"
-    inpaint_strength: float = 0.85
-    region_margin: float = 0.15
-    feather_px: int = 0  # 0: derived from the resolution (resolution // 32)
+    resolution: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=1024)
+    steps: int = setting(4, "generation", low=1, tiny=4, sdxl=30)
+    guidance_scale: float = setting(5.0, "generation", low=0.0)
+    seed: int = setting(0, "generation", hashed=True, low=0)
+    scene_prompt: str = setting("a cat and a mug on a wooden table, soft window light", "generation")
+    negative_prompt: str = setting("blurry, deformed, low quality", "generation")
+    subject_prompt_suffix: str = setting("on a wooden table, soft window light", "generation")
+    inpaint_strength: float = setting(0.85, "generation", above=0.0, high=1.0)
+    region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
+    feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     # training
-    train_steps: int = 40
-    train_resolution: int = 64
-    train_batch_size: int = 2
-    lora_rank: int = 4
-    lora_alpha: int = 0  # 0: same as rank
-    learning_rate: float = 1e-4
-    min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
-    prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 4
-    checkpoint_every: int = 8
-    gradient_checkpointing: bool = True
+    train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500)
+    train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024)
+    train_batch_size: int = setting(2, "training", hashed=True, low=1, tiny=2, sdxl=1)
+    lora_rank: int = setting(4, "training", hashed=True, low=1, tiny=4, sdxl=16)
+    lora_alpha: int = setting(0, "training", hashed=True, low=0)  # 0: same as rank
+    learning_rate: float = setting(1e-4, "training", hashed=True, above=0.0)
+    min_snr_gamma: float = setting(5.0, "training", hashed=True, low=0.0)  # 0 disables min-SNR weighting
+    prior_preservation: bool = setting(False, "training", hashed=True)
+    prior_loss_weight: float = setting(1.0, "training", hashed=True, low=0.0)
+    num_class_images: int = setting(4, "training", hashed=True, low=0, tiny=4, sdxl=50)
+    checkpoint_every: int = setting(8, "training", low=1, tiny=8, sdxl=100)
+    gradient_checkpointing: bool = setting(True, "training")
     # QA
-    qa_pass_threshold: float = QA_PASS_THRESHOLD
-    qa_threshold_mode: str = "calibrated"  # or "fixed"
-    qa_calibration_fraction: float = 0.8
-    max_retries: int = 2
-    refine_strength: float = 0.65
-    prompt_boost: float = 1.3
+    qa_pass_threshold: float = setting(QA_PASS_THRESHOLD, "qa", low=-1.0, high=1.0)
+    qa_threshold_mode: str = setting("calibrated", "qa", choices=("calibrated", "fixed"))
+    qa_calibration_fraction: float = setting(0.8, "qa", above=0.0, high=1.0)
+    max_retries: int = setting(2, "qa", low=0)
+    refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
+    prompt_boost: float = setting(1.3, "qa", above=0.0)
     # evaluation
-    eval_seeds: int = 2
-    eval_prompts: int = 1
+    eval_seeds: int = setting(2, "evaluation", low=1, tiny=2, sdxl=4)
+    eval_prompts: int = setting(1, "evaluation", low=1, tiny=1, sdxl=2)
 
     def __post_init__(self) -> None:
         self.subjects = [s if isinstance(s, Subject) else Subject(**s) for s in self.subjects]
@@ -108,45 +113,30 @@ class ProjectConfig:
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"ProjectConfig.{name}: {why}")
+        """Raise ``ValueError`` naming the first field that has the wrong type or is out of its range."""
+        for f in fields(self):
+            if "kind" in f.metadata:
+                problem = check_setting(getattr(self, f.name), f.metadata)
+                if problem:
+                    raise ValueError(f"ProjectConfig.{f.name}: {problem}")
+        self._validate_subjects()
 
-        if self.profile not in PROFILES:
-            fail("profile", f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)} (or 'auto')")
+    def _validate_subjects(self) -> None:
+        def fail(why: str) -> None:
+            raise ValueError(f"ProjectConfig.subjects: {why}")
+
         if not self.subjects:
-            fail("subjects", "at least one subject is needed")
+            fail("at least one subject is needed")
         for attr in ("name", "token"):
             values = [getattr(s, attr) for s in self.subjects]
             dupes = sorted({v for v in values if values.count(v) > 1})
             if dupes:
-                fail("subjects", f"duplicate subject {attr}(s): {', '.join(dupes)}")
+                fail(f"duplicate subject {attr}(s): {', '.join(dupes)}")
         for s in self.subjects:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
-                fail("subjects", f"subject name {s.name!r} must be letters, digits, '_' or '-' (it names folders)")
+                fail(f"subject name {s.name!r} must be letters, digits, '_' or '-' (it names folders)")
             if not s.token.strip() or not s.class_name.strip():
-                fail("subjects", f"subject {s.name!r} needs a token and a class_name")
-        for name in ("resolution", "train_resolution"):
-            value = getattr(self, name)
-            if value <= 0 or value % 8:
-                fail(name, f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
-        for name in ("steps", "train_steps", "train_batch_size", "lora_rank", "checkpoint_every", "eval_seeds",
-                     "eval_prompts"):
-            if getattr(self, name) <= 0:
-                fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("max_retries", "lora_alpha", "num_class_images", "feather_px", "min_snr_gamma", "seed"):
-            if getattr(self, name) < 0:
-                fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("inpaint_strength", "refine_strength", "qa_calibration_fraction"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                fail(name, f"must be in (0, 1], got {getattr(self, name)}")
-        if not -1.0 <= self.qa_pass_threshold <= 1.0:
-            fail("qa_pass_threshold", f"is a cosine similarity, must be in [-1, 1], got {self.qa_pass_threshold}")
-        if self.qa_threshold_mode not in ("calibrated", "fixed"):
-            fail("qa_threshold_mode", f"must be 'calibrated' or 'fixed', got {self.qa_threshold_mode!r}")
-        if not 0.0 <= self.region_margin < 1.0:
-            fail("region_margin", f"must be in [0, 1), got {self.region_margin}")
-        if self.learning_rate <= 0 or self.guidance_scale < 0 or self.prompt_boost <= 0:
-            fail("learning_rate/guidance_scale/prompt_boost", "learning_rate and prompt_boost > 0, guidance >= 0")
+                fail(f"subject {s.name!r} needs a token and a class_name")
 
     # -- derived values -----------------------------------------------------------------------------------------
     def path(self, relative: str | Path) -> Path:
@@ -161,6 +151,10 @@ class ProjectConfig:
     @property
     def cache_path(self) -> Path:
         return self.output_path / self.cache_dir
+
+    @property
+    def config_file(self) -> Path:
+        return self.output_path / CONFIG_FILE
 
     def lora_path(self, subject: Subject) -> Path:
         return self.output_path / subject.lora_dir
@@ -182,6 +176,22 @@ class ProjectConfig:
     def effective_feather_px(self) -> int:
         return self.feather_px or max(2, self.resolution // 32)
 
+    def with_suffix(self, prompt: str) -> str:
+        """``prompt`` followed by the scene words every subject prompt shares."""
+        return f"{prompt}, {self.subject_prompt_suffix}" if self.subject_prompt_suffix else prompt
+
+    def subject_prompt(self, subject: Subject) -> str:
+        """What a subject's own pass asks for: its instance prompt in the shared scene."""
+        return self.with_suffix(subject.instance_prompt)
+
+    def combined_prompt(self) -> str:
+        """The one-pass baseline's single prompt, naming every subject by its token."""
+        return self.with_suffix("a photo of " + " and ".join(f"{s.token} {s.class_name}" for s in self.subjects))
+
+    def hashed_settings(self) -> dict[str, Any]:
+        """The settings that decide a LoRA's weights (part of its training fingerprint)."""
+        return {name: getattr(self, name) for name in HASHED_FIELDS}
+
     def summary(self) -> str:
         subjects = ", ".join(f"{s.name} ({s.token} {s.class_name})" for s in self.subjects)
         return (f"profile={self.profile} resolution={self.resolution} steps={self.steps} seed={self.seed}\n"
@@ -190,94 +200,74 @@ class ProjectConfig:
                 f"qa: mode={self.qa_threshold_mode} threshold={self.qa_pass_threshold} "
                 f"max_retries={self.max_retries} refine_strength={self.refine_strength}")
 
-    # -- io -----------------------------------------------------------------------------------------------------
+    # -- plain-data conversion ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProjectConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ProjectConfig: unknown field(s) {', '.join(unknown)}")
+    def from_dict(cls, data: dict[str, Any], source: str = "ProjectConfig") -> ProjectConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+        check_known_fields(data, source)
         return cls(**data)
 
-    def save(self, path: str | Path | None = None) -> Path:
-        target = Path(path) if path else self.output_path / CONFIG_FILE
-        write_text_atomic(target, json.dumps(self.to_dict(), indent=2))
-        return target
-
     @classmethod
-    def load(cls, path: str | Path) -> ProjectConfig:
+    def from_json(cls, text: str, source: str = "ProjectConfig") -> ProjectConfig:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); delete it or fix it") from None
-        return cls.from_dict(data)
+            raise ValueError(f"{source}: not valid JSON ({e}); delete it or fix it") from None
+        return cls.from_dict(data, source)
 
     def replace(self, **changes: Any) -> ProjectConfig:
+        check_known_fields(changes, "ProjectConfig")
         return dataclasses.replace(self, **changes)
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path`` (same suffix, so writers infer the format); when the block succeeds it replaces
-    ``path`` in one rename, so a crash never leaves half a file behind; on error the temp file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+FIELD_NAMES = tuple(f.name for f in fields(ProjectConfig))
+HASHED_FIELDS = tuple(f.name for f in fields(ProjectConfig) if f.metadata.get("hashed"))
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    profile: {f.name: f.metadata["profiles"][profile] for f in fields(ProjectConfig)
+              if profile in f.metadata.get("profiles", {})}
+    for profile in ("tiny", "sdxl")
+}
+PROFILE_DEFAULTS["sdxl-random"] = PROFILE_DEFAULTS["sdxl"]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def check_known_fields(names: dict[str, Any] | list[str], source: str) -> None:
+    """``ValueError`` listing names that are not settings (with the closest known names)."""
+    import difflib
 
-
-def resolve_profile(profile: str = "auto") -> str:
-    """'auto' means sdxl on a CUDA machine and tiny elsewhere; HELPERS_PROFILE overrides 'auto'."""
-    if profile == "auto":
-        profile = os.environ.get("HELPERS_PROFILE", "").strip() or "auto"
-    if profile == "auto":
-        import torch  # local: keep this module importable without torch for plain config work
-
-        profile = "sdxl" if torch.cuda.is_available() else "tiny"
-    if profile not in PROFILES:
-        raise ValueError(f"ProjectConfig.profile: unknown profile {profile!r}; choose one of "
-                         f"{', '.join(PROFILES)} or 'auto'")
-    return profile
-
-
-def make_config(profile: str = "auto", output_dir: str | None = None, **overrides: Any) -> ProjectConfig:
-    """The config a notebook runs with.
-
-    Starts from ``<output_dir>/config.json`` when an earlier notebook saved one for the same profile (so settings
-    flow down the series), else from the profile's defaults; then applies every override that is not None.
-    ``HELPERS_OUTPUT_DIR`` redirects the output folder (the tests use it to keep their runs apart).
-    """
-    profile = resolve_profile(profile)
-    output_dir = output_dir or os.environ.get("HELPERS_OUTPUT_DIR") or "output"
-    saved = ProjectConfig(profile=profile).path(output_dir) / CONFIG_FILE
-    base = ProjectConfig.load(saved) if saved.exists() else None
-    if base is None or base.profile != profile:
-        base = ProjectConfig(profile=profile, **PROFILE_DEFAULTS[profile])
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(changes) - {f.name for f in fields(ProjectConfig)})
+    unknown = sorted(set(names) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(f"ProjectConfig: unknown field(s) {', '.join(unknown)}")
-    return base.replace(output_dir=output_dir, **changes)
+        hints = [f"{name} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(name, FIELD_NAMES))
+                 else name for name in unknown]
+        raise ValueError(f"{source}: unknown field(s) {', '.join(hints)}")
 
 
-def notebook_config(notebook: str, profile: str = "auto", output_dir: str | None = None,
-                    **overrides: Any) -> ProjectConfig:
-    """A notebook's first step: resolve the profile, build the config, save it for the next notebook, say which
-    profile runs (every notebook prints it)."""
-    config = make_config(profile, output_dir, **overrides)
-    config.save()
-    note = " (random weights: pictures are meaningless, the plumbing is real)" if config.profile != "sdxl" else ""
-    print(f"[{notebook}] profile: {config.profile}{note}; output: {config.output_path}")
-    return config
+def check_setting(value: Any, meta: dict[str, Any]) -> str | None:
+    """Why ``value`` does not fit the setting described by ``meta`` (type first, then range), or None."""
+    kind = meta["kind"]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        return f"must be {'a finite number' if kind is float else 'a ' + kind.__name__}, got {value!r}"
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}"
+    bounds = [(meta["low"], lambda v, b: v >= b, ">="), (meta["high"], lambda v, b: v <= b, "<="),
+              (meta["above"], lambda v, b: v > b, ">"), (meta["below"], lambda v, b: v < b, "<")]
+    for bound, holds, symbol in bounds:
+        if bound is not None and not holds(value, bound):
+            return f"must be {symbol} {bound}, got {value!r}"
+    if meta["multiple_of"] and value % meta["multiple_of"]:
+        return f"must be a multiple of {meta['multiple_of']} (the VAE downsamples by 8), got {value!r}"
+    return None

@@ -1,5 +1,6 @@
 """Metrics over generated images: CLIP-I / CLIP-T (/ DINO) per subject, the region x subject leakage matrix, the
-outside-mask invariant, and the baseline / ours / ours+QA experiment over seeds and prompts. Reuses ``qa``'s scorers.
+outside-mask invariant, and the baseline / ours / ours+QA experiment over seeds and prompts. Scores come from
+``scoring``; the QA loop is run through its public ``qa_loop``.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import ProjectConfig, write_text_atomic
+from .config import ProjectConfig
+from .io import write_text_atomic
 from .layout import Layout, MaskSet
 from .models import ModelBundle
-from .pipeline import GenerationResult, coarse_to_fine, crop_box_for, one_pass_baseline
-from .qa import ClipScorer, QAOutcome, qa_loop, subject_thresholds
+from .pipeline import GenerationResult, coarse_to_fine, one_pass_baseline
+from .qa import QAOutcome, qa_loop, subject_thresholds
+from .scoring import ClipScorer
 
 METHODS = ("baseline", "ours", "ours+qa")
 
@@ -34,7 +37,7 @@ def leakage_matrix_from_embeddings(crops: dict[str, np.ndarray], references: dic
 
 
 def region_crops(image: Image.Image, masks_: MaskSet, names: list[str], margin: float) -> dict[str, Image.Image]:
-    return {n: image.crop(crop_box_for(masks_, n, margin)) for n in names}
+    return {n: image.crop(masks_.crop_box(n, margin)) for n in names}
 
 
 def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, names: list[str],

@@ -10,9 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from .config import ProjectConfig, atomic_path, write_text_atomic
+from .config import ProjectConfig
+from .evaluation import Experiments, leakage_matrix
+from .io import atomic_path, write_text_atomic
 from .layout import SUBJECT_COLORS as COLORS
 from .layout import Layout, MaskSet
+from .scoring import ClipScorer
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
@@ -118,6 +121,26 @@ def score_bars(summary_rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "
 # ----------------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------------
+def report_figures(experiments: Experiments, summary: list[dict], layout: Layout, scorer: ClipScorer,
+                   config: ProjectConfig, loss_histories: dict[str, list[float]], folder: Path) -> dict[str, Path]:
+    """Every figure of the report, saved under ``folder``, by title: the first run's baseline | ours | ours+QA,
+    its masks, the score bars, its QA trace, a leakage heatmap per method, and the loss curves when recorded."""
+    first, qa_first, baseline = experiments.first_result, experiments.first_qa, experiments.first_baseline
+    figures = {
+        "Baseline | ours | ours+QA": (image_grid([baseline, first.final, qa_first.final],
+                                                 ["baseline", "ours", "ours+QA"]), "side_by_side.png"),
+        "Layout masks": (mask_overlay(first.coarse, first.masks, layout), "masks.png"),
+        "Scores (mean ± std over seeds, prompts, subjects)": (score_bars(summary), "score_bars.png"),
+        "QA trace": (qa_trace(qa_first.log, qa_first.thresholds), "qa_trace.png"),
+    }
+    for method, image in {"baseline": baseline, "ours+QA": qa_first.final}.items():
+        matrix = leakage_matrix(scorer, image, first.masks, config.subject_names, config.region_margin)
+        figures[f"Leakage: {method}"] = (leakage_heatmap(matrix, config.subject_names, f"leakage, {method}"),
+                                         f"leakage_{method.replace('+', '_')}.png")
+    if loss_histories and all(loss_histories.values()):
+        figures["Training loss"] = (loss_curves(loss_histories), "loss_curves.png")
+    return {title: save_figure(fig, Path(folder) / name) for title, (fig, name) in figures.items()}
+
 def _profile_banner(config: ProjectConfig) -> str:
     if config.profile == "sdxl":
         return "Profile: sdxl (real SDXL weights). Scores below measure these images."

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .config import write_text_atomic
+from .io import write_text_atomic
 
 SCHEMA_VERSION = 1
 SHAPES = ("box", "ellipse")
@@ -150,6 +150,18 @@ class MaskSet:
     def areas(self) -> dict[str, float]:
         """Fraction of the image each subject's support covers."""
         return {name: float(m.mean()) for name, m in self.support.items()}
+
+    def crop_box(self, subject: str, margin: float) -> tuple[int, int, int, int]:
+        """A square box around the subject's mask plus ``margin`` of its size: a subject pass sees some context, and
+        a scorer sees the region the way the pass painted it."""
+        ys, xs = np.nonzero(self.support[subject])
+        left, right, top, bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        side = int(round(max(right - left, bottom - top) * (1 + 2 * margin)))
+        side = max(8, min(side, self.width, self.height))
+        cx, cy = (left + right) / 2, (top + bottom) / 2
+        x0 = int(np.clip(round(cx - side / 2), 0, self.width - side))
+        y0 = int(np.clip(round(cy - side / 2), 0, self.height - side))
+        return x0, y0, x0 + side, y0 + side
 
 
 def masks(layout: Layout, width: int, height: int, feather: int = 4) -> MaskSet:

@@ -1,54 +1,29 @@
-"""Model profiles -> one bundle of SDXL pipelines that share their components.
+"""Profiles -> one bundle of SDXL pipelines that share their components; device and dtype; the NaN-guarded decode.
 
-* ``tiny``: the SDXL classes at toy size with seeded random weights, built offline in seconds, saved once with
-  ``save_pretrained`` and always loaded back with ``from_pretrained`` (the real loading path).
-* ``sdxl``: the hub weights (fp16 on CUDA) with the fp16-fixed VAE; fails fast with one line when it cannot load.
-* ``sdxl-random``: the full-size SDXL architecture with random weights, for speed and memory benchmarks only.
-
-Knows nothing of layouts, LoRA training or QA.
+``profiles`` says where each profile's weights come from; this module loads them into a text-to-image pipeline and an
+inpainting pipeline over the same components (``from_pipe``: one UNet in memory) and decodes every latent through
+the NaN guard. Knows nothing of layouts, LoRA training or QA.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import platform
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import ProjectConfig
-
-SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
-TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny architecture changes, so stale caches are rebuilt
-TINY_SEED = 1234
-BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
-
-SCHEDULER_CONFIG = dict(  # SDXL base's scheduler_config.json
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
-    use_karras_sigmas=False,
-)
-
-
-class ModelUnavailableError(RuntimeError):
-    """The requested weights cannot be loaded here; the message says what to do."""
+from .config import PROFILES, ProjectConfig
+from .profiles import (SDXL_BASE_ID, SDXL_VAE_FP16_FIX_ID, TINY_VERSION, build_sdxl_random_pipeline,
+                       ensure_tiny_pipeline, load_pipeline_folder, load_sdxl_pipeline)
 
 
 class NonFiniteError(RuntimeError):
     """NaN/inf appeared where the NaN guard cannot repair it."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The bundle
-# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecodeStats:
     decodes: int = 0
@@ -81,8 +56,7 @@ class ModelBundle:
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> PIL images through the NaN guard (every decode in the project goes through here)."""
-        images = decode_latents(self.vae, latents, self.decode_stats)
-        return tensor_to_pil(images)
+        return tensor_to_pil(decode_latents(self.vae, latents, self.decode_stats))
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.unet.parameters()) / 1e6
@@ -90,35 +64,42 @@ class ModelBundle:
                 f"unet={n_params:.1f}M params source={self.source}")
 
 
-def quiet_libraries() -> None:
-    """Keep notebook output readable: library progress bars and info chatter off, warnings and errors on."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+def resolve_profile(profile: str = "auto") -> str:
+    """'auto' means sdxl on a CUDA machine and tiny elsewhere; HELPERS_PROFILE overrides 'auto'."""
+    if profile == "auto":
+        profile = os.environ.get("HELPERS_PROFILE", "").strip() or "auto"
+    if profile == "auto":
+        profile = "sdxl" if torch.cuda.is_available() else "tiny"
+    if profile not in PROFILES:
+        raise ValueError(f"ProjectConfig.profile: unknown profile {profile!r}; choose one of "
+                         f"{', '.join(PROFILES)} or 'auto'")
+    return profile
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_models(config: ProjectConfig, device: str | torch.device | None = None) -> ModelBundle:
     """Build the pipelines of ``config.profile``; the inpainting pipeline shares every component (``from_pipe``)."""
     device = torch.device(device) if device else default_device()
+    half_on_gpu = torch.float16 if device.type == "cuda" else torch.float32
     if config.profile == "tiny":
         folder = ensure_tiny_pipeline(config.cache_path)
-        txt2img, dtype, source = _load_pipeline_dir(folder, device, torch.float32), torch.float32, str(folder)
+        dtype, source = torch.float32, str(folder)
+        txt2img = load_pipeline_folder(folder, dtype)
     elif config.profile == "sdxl":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
         if device.type != "cuda":
             warnings.warn("profile 'sdxl' without CUDA runs in float32 on the CPU: minutes per image.")
-        txt2img, source = load_sdxl_pipeline(dtype), SDXL_BASE_ID
-        txt2img.to(device)
+        dtype, source = half_on_gpu, SDXL_BASE_ID
+        txt2img = load_sdxl_pipeline(dtype)
     elif config.profile == "sdxl-random":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        txt2img, source = build_sdxl_random_pipeline(device, dtype), "random full-size SDXL architecture"
+        dtype, source = half_on_gpu, "random full-size SDXL architecture"
+        txt2img = build_sdxl_random_pipeline(device, dtype)
     else:
         raise ValueError(f"ProjectConfig.profile: cannot load models for {config.profile!r}")
+    if device.type != "cpu":
+        txt2img.to(device)
     from diffusers import StableDiffusionXLInpaintPipeline
 
     txt2img.set_progress_bar_config(disable=True)
@@ -131,19 +112,6 @@ def model_source(profile: str) -> str:
     """Names the base weights of a profile (part of a LoRA's training fingerprint)."""
     return {"tiny": TINY_VERSION, "sdxl": f"{SDXL_BASE_ID}+{SDXL_VAE_FP16_FIX_ID}",
             "sdxl-random": "sdxl-random"}[profile]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_pipeline_dir(folder: Path, device: torch.device, dtype: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline
-
-    quiet_libraries()
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True, add_watermarker=False)
-    return pipe if device.type == "cpu" else pipe.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,31 +147,6 @@ def decode_latents(vae, latents: torch.Tensor, stats: DecodeStats | None = None)
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def demonstrate_nan_guard(models: ModelBundle) -> dict[str, object]:
-    """Show the guard at work: a normal decode, then one where a reduced-precision VAE overflows (simulated by
-    turning its decoder output to inf whenever it runs below float32) and the guard re-decodes in float32."""
-    import copy
-
-    vae = copy.deepcopy(models.vae)  # a copy: a round trip through bfloat16 would round the real VAE's weights
-    size = 8 if models.profile == "tiny" else 32
-    latents = torch.randn((1, 4, size, size), generator=models.generator(0)).to(models.device)
-    stats = DecodeStats()
-    normal = decode_latents(vae, latents, stats)
-    half = torch.float16 if models.device.type == "cuda" else torch.bfloat16
-
-    def overflow(_module, _inputs, output):
-        return output * float("inf") if output.dtype != torch.float32 else output
-
-    vae.decoder.register_forward_hook(overflow)
-    vae.to(half)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        guarded = decode_latents(vae, latents, stats)
-    del vae
-    return {"normal_decode_finite": bool(torch.isfinite(normal).all()), "reduced_precision_dtype": str(half),
-            "guarded_decode_finite": bool(torch.isfinite(guarded).all()), "float32_fallbacks": stats.float32_fallbacks}
-
-
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
@@ -215,224 +158,19 @@ def image_is_finite(image: Image.Image | np.ndarray | torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# tiny profile
+# environment
 # ----------------------------------------------------------------------------------------------------------------
-def clip_tokenizer(pad_token: str = EOS_TOKEN):
-    """SDXL's CLIP tokenizer rebuilt from the BPE merges that open_clip ships: same vocabulary, same token ids."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
-    return tokenizer
-
-
-def tiny_components() -> dict:
-    """SDXL's classes at toy size; the VAE keeps 4 blocks so the latent is 1/8 of the image, as in SDXL."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    text_kwargs = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                       pad_token_id=49407, projection_dim=32)
-    torch.manual_seed(TINY_SEED)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text_kwargs))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **text_kwargs))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=64, scaling_factor=0.13025, force_upcast=False,
-    )
-    return dict(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet,
-        tokenizer=clip_tokenizer(EOS_TOKEN), tokenizer_2=clip_tokenizer("!"),  # SDXL pads its 2nd tokenizer with "!"
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
-    )
-
-
-def ensure_tiny_pipeline(cache_dir: Path) -> Path:
-    """Build the tiny pipeline once and save it with ``save_pretrained``; later calls reuse the folder."""
-    from diffusers import StableDiffusionXLPipeline
-
-    folder = Path(cache_dir) / TINY_VERSION
-    if (folder / "model_index.json").exists():
-        return folder
-    quiet_libraries()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=folder.parent))
-    try:
-        pipe = StableDiffusionXLPipeline(**tiny_components(), add_watermarker=False)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sdxl profile
-# ----------------------------------------------------------------------------------------------------------------
-def hub_token() -> str | None:
-    """HF token from the environment or a Colab secret named HF_TOKEN. Never printed, never logged."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
-    try:  # pragma: no cover - only inside Colab
-        from google.colab import userdata  # type: ignore
-
-        return userdata.get("HF_TOKEN")
-    except Exception:
-        return None
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _missing_weights_error(repo_id: str, reason: str) -> ModelUnavailableError:
-    return ModelUnavailableError(
-        f"cannot load {repo_id!r}: {reason}. Fix: run where huggingface.co is reachable (Colab is), or download it "
-        f"once with `huggingface-cli download {repo_id}` into the HF cache, or use the offline profile "
-        f"(HELPERS_PROFILE=tiny)."
-    )
-
-
-def check_hub_weights(repo_id: str, index_file: str) -> bool:
-    """True when ``repo_id`` is in the local HF cache (or a local folder); else make sure the Hub answers within
-    seconds, or raise ``ModelUnavailableError`` with one line that says what to do."""
-    from huggingface_hub import HfApi, try_to_load_from_cache
-
-    if Path(repo_id).is_dir() or isinstance(try_to_load_from_cache(repo_id, index_file), str):
-        return True
-    if _hub_offline():
-        raise _missing_weights_error(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache")
-    try:
-        HfApi().model_info(repo_id, timeout=5, token=hub_token())
-    except Exception as e:  # no network, DNS failure, timeout, gated repo...
-        raise _missing_weights_error(repo_id, f"not cached and the Hub is unreachable ({type(e).__name__})") from None
-    return False
-
-
-def load_sdxl_pipeline(dtype: torch.dtype):
-    """SDXL base with the fp16-fix VAE (the original VAE overflows in fp16 and gives black images).
-
-    Both repos are checked (cache, else a reachable Hub) before the pipeline classes are imported, so a machine
-    without the weights hears it in seconds; cached repos load with ``local_files_only``."""
-    vae_cached = check_hub_weights(SDXL_VAE_FP16_FIX_ID, "config.json")
-    base_cached = check_hub_weights(SDXL_BASE_ID, "model_index.json")
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-
-    quiet_libraries()
-    common = dict(torch_dtype=dtype, use_safetensors=True, token=hub_token())
-    vae = AutoencoderKL.from_pretrained(SDXL_VAE_FP16_FIX_ID, local_files_only=vae_cached or _hub_offline(),
-                                        **common)
-    return StableDiffusionXLPipeline.from_pretrained(
-        SDXL_BASE_ID, vae=vae, variant="fp16" if dtype == torch.float16 else None, add_watermarker=False,
-        local_files_only=base_cached or _hub_offline(), **common)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sdxl-random profile (benchmarks): full-size architecture, random weights, no download
-# ----------------------------------------------------------------------------------------------------------------
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True, norm_num_groups=32,
-)
-SDXL_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    sample_size=1024, scaling_factor=0.13025, force_upcast=False,
-)
-SDXL_TEXT_CONFIGS = (
-    dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-         hidden_act="quick_gelu", projection_dim=768),
-    dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-         hidden_act="gelu", projection_dim=1280),
-)
-
-
-def _shrink_weights_(module: torch.nn.Module, factor: float) -> None:
-    # Random init grows activations through SDXL's deep residual stacks until fp16 overflows; real weights do not.
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
-                sub.weight.mul_(factor)
-
-
-def build_sdxl_random_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The full-size SDXL twin (2.57 B-parameter UNet) with random weights, built directly on ``device``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    quiet_libraries()
-    torch.manual_seed(seed)
-    common = dict(max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIGS[0], **common))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_CONFIGS[1], **common))
-    components = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
-    for m in components.values():
-        _shrink_weights_(m, 0.5)
-        m.to(dtype).eval()
-    for _ in range(4):  # shrink further until a full-size forward pass stays finite in this dtype
-        if _sdxl_random_is_finite(unet, vae, device, dtype):
-            break
-        for m in components.values():
-            _shrink_weights_(m, 0.5)
-    return StableDiffusionXLPipeline(
-        **components, tokenizer=clip_tokenizer(EOS_TOKEN), tokenizer_2=clip_tokenizer("!"),
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG), add_watermarker=False,
-    )
-
-
-@torch.no_grad()
-def _sdxl_random_is_finite(unet, vae, device: torch.device, dtype: torch.dtype) -> bool:
-    g = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, 4, 128, 128, generator=g).to(device, dtype)
-    cond = {"text_embeds": torch.randn(1, 1280, generator=g).to(device, dtype),
-            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device, dtype=dtype)}
-    hidden = torch.randn(1, 77, 2048, generator=g).to(device, dtype)
-    out = unet(latents, torch.tensor([999], device=device), hidden, added_cond_kwargs=cond).sample
-    image = vae.decode(latents / vae.config.scaling_factor).sample
-    return bool(torch.isfinite(out).all() and torch.isfinite(image).all())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# environment report
-# ----------------------------------------------------------------------------------------------------------------
-def environment_report() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import diffusers
     import peft
     import transformers
 
-    report = {
-        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__,
-        "device": "cpu", "gpu": "-", "vram_gib": "-",
-    }
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def environment_report() -> dict[str, str]:
+    report = {"python": platform.python_version(), **library_versions(), "device": "cpu", "gpu": "-", "vram_gib": "-"}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         report.update(device="cuda", gpu=props.name, vram_gib=f"{props.total_memory / 2**30:.1f}")

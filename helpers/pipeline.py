@@ -8,102 +8,23 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import ProjectConfig, Subject, atomic_path, write_text_atomic
+from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, generate, only_adapter
+from .config import ProjectConfig, Subject
+from .io import save_image_atomic, write_json_atomic
 from .layout import Layout, MaskSet, masks
 from .models import ModelBundle
-
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-
-
-class MissingLoraError(FileNotFoundError):
-    """A subject has no trained LoRA yet."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# adapters
-# ----------------------------------------------------------------------------------------------------------------
-def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
-    """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops)."""
-    loaded = set(adapter_names(models))
-    for subject in config.subjects:
-        if subject.name in loaded:
-            continue
-        folder = config.lora_path(subject)
-        if not (folder / LORA_WEIGHTS_FILE).exists():
-            raise MissingLoraError(f"subject {subject.name!r} has no trained LoRA at {folder / LORA_WEIGHTS_FILE}; "
-                                   f"run notebooks/01_train_subject_loras.ipynb first")
-        models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
-    return adapter_names(models)
-
-
-def adapter_names(models: ModelBundle) -> list[str]:
-    return sorted(getattr(models.unet, "peft_config", {}) or {})
-
-
-def active_adapters(models: ModelBundle) -> list[str]:
-    """Adapters that really change the UNet's output right now ([] when LoRA is disabled or none is loaded)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers or all(layer.disable_adapters for layer in layers):
-        return []
-    active = layers[0].active_adapters
-    return sorted(active if isinstance(active, list) else [active])
-
-
-@contextmanager
-def only_adapter(models: ModelBundle, name: str | None) -> Iterator[None]:
-    """Exactly one subject's adapter active (``None``: none at all) for the duration of the block."""
-    loaded = adapter_names(models)
-    if name is not None and name not in loaded:
-        raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {loaded or 'none'}); call "
-                               f"load_subject_loras first")
-    try:
-        if loaded:
-            if name is None:
-                models.txt2img.disable_lora()
-            else:
-                models.txt2img.enable_lora()
-                models.txt2img.set_adapters([name], adapter_weights=[1.0])
-        yield
-    finally:
-        if loaded:
-            models.txt2img.enable_lora()
-
-
-@contextmanager
-def all_adapters(models: ModelBundle) -> Iterator[None]:
-    loaded = adapter_names(models)
-    if loaded:
-        models.txt2img.enable_lora()
-        models.txt2img.set_adapters(loaded, adapter_weights=[1.0] * len(loaded))
-    yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # prompts
 # ----------------------------------------------------------------------------------------------------------------
-def subject_prompt(subject: Subject, config: ProjectConfig) -> str:
-    suffix = f", {config.subject_prompt_suffix}" if config.subject_prompt_suffix else ""
-    return f"{subject.instance_prompt}{suffix}"
-
-
-def combined_prompt(config: ProjectConfig) -> str:
-    """The baseline's single prompt naming every subject by its token."""
-    names = " and ".join(f"{s.token} {s.class_name}" for s in config.subjects)
-    suffix = f", {config.subject_prompt_suffix}" if config.subject_prompt_suffix else ""
-    return f"a photo of {names}{suffix}"
-
-
 @torch.no_grad()
 def weighted_prompt_embeds(models: ModelBundle, prompt: str, negative_prompt: str, emphasis: list[str],
                            weight: float) -> dict[str, torch.Tensor]:
@@ -171,9 +92,9 @@ class GenerationResult:
         for i, (p, stage) in enumerate(zip(self.passes, self.stages)):
             save_image_atomic(stage, folder / f"stage_{i + 1}_{p.subject}.png")
         save_image_atomic(self.final, folder / "composite.png")
-        summary = {"scene_prompt": self.scene_prompt, "seed": self.seed, "layout": self.layout.to_dict(),
-                   "passes": [asdict(p) for p in self.passes], "seconds": self.seconds}
-        write_text_atomic(folder / "result.json", json.dumps(summary, indent=2))
+        write_json_atomic(folder / "result.json", {
+            "scene_prompt": self.scene_prompt, "seed": self.seed, "layout": self.layout.to_dict(),
+            "passes": [asdict(p) for p in self.passes], "seconds": self.seconds})
         return folder
 
     @classmethod
@@ -191,11 +112,6 @@ class GenerationResult:
                    passes, stages, summary["seconds"])
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # phases
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,24 +122,7 @@ def subject_seed(seed: int, index: int, attempt: int = 0) -> int:
 
 def generate_scene(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int) -> Image.Image:
     """Phase 0: the whole scene from the base model with every LoRA off."""
-    with only_adapter(models, None), torch.no_grad():
-        latents = models.txt2img(
-            prompt=prompt, negative_prompt=config.negative_prompt, height=config.resolution,
-            width=config.resolution, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-            generator=models.generator(seed), output_type="latent").images
-    return models.decode(latents)[0]
-
-
-def crop_box_for(masks_: MaskSet, subject: str, margin: float) -> tuple[int, int, int, int]:
-    """A square box around the subject's mask plus ``margin`` of its size: the inpainting pass sees some context."""
-    ys, xs = np.nonzero(masks_.support[subject])
-    left, right, top, bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    side = int(round(max(right - left, bottom - top) * (1 + 2 * margin)))
-    side = max(8, min(side, masks_.width, masks_.height))
-    cx, cy = (left + right) / 2, (top + bottom) / 2
-    x0 = int(np.clip(round(cx - side / 2), 0, masks_.width - side))
-    y0 = int(np.clip(round(cy - side / 2), 0, masks_.height - side))
-    return x0, y0, x0 + side, y0 + side
+    return generate(models, config, prompt, seed, adapter=None)
 
 
 def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray) -> Image.Image:
@@ -240,8 +139,8 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
                 emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
     """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image."""
     start = time.perf_counter()
-    prompt = prompt or subject_prompt(subject, config)
-    box = crop_box_for(masks_, subject.name, config.region_margin)
+    prompt = prompt or config.subject_prompt(subject)
+    box = masks_.crop_box(subject.name, config.region_margin)
     size = config.resolution
     crop = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_crop = Image.fromarray(masks_.support[subject.name].astype(np.uint8) * 255).crop(box)
@@ -292,30 +191,14 @@ def one_pass_baseline(models: ModelBundle, config: ProjectConfig, seed: int | No
                       prompt: str | None = None) -> Image.Image:
     """The naive approach: one generation with every subject LoRA active and one combined prompt."""
     seed = config.seed if seed is None else seed
-    with all_adapters(models), torch.no_grad():
-        latents = models.txt2img(
-            prompt=prompt or combined_prompt(config), negative_prompt=config.negative_prompt,
-            height=config.resolution, width=config.resolution, num_inference_steps=config.steps,
-            guidance_scale=config.guidance_scale, generator=models.generator(seed), output_type="latent").images
-    return models.decode(latents)[0]
+    return generate(models, config, prompt or config.combined_prompt(), seed, adapter=ALL_ADAPTERS)
 
 
 def with_and_without_lora(models: ModelBundle, config: ProjectConfig, seed: int) \
         -> dict[str, tuple[Image.Image, Image.Image]]:
     """Each subject's instance prompt on the same seed, base model vs its own LoRA (for notebook 01's figure)."""
-    out = {}
-    for subject in config.subjects:
-        pair = []
-        for adapter in (None, subject.name):
-            with only_adapter(models, adapter), torch.no_grad():
-                latents = models.txt2img(
-                    prompt=subject.instance_prompt, negative_prompt=config.negative_prompt,
-                    height=config.resolution, width=config.resolution, num_inference_steps=config.steps,
-                    guidance_scale=config.guidance_scale, generator=models.generator(seed),
-                    output_type="latent").images
-            pair.append(models.decode(latents)[0])
-        out[subject.name] = (pair[0], pair[1])
-    return out
+    return {s.name: (generate(models, config, s.instance_prompt, seed, adapter=None),
+                     generate(models, config, s.instance_prompt, seed, adapter=s.name)) for s in config.subjects}
 
 
 def check_layout_matches(layout: Layout, config: ProjectConfig) -> None:

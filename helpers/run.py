@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
-
 from .config import PROJECT_ROOT
+from .io import write_notebook_atomic
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
@@ -125,6 +124,8 @@ def _strip_counts(output):
 
 def refresh_checked_outputs(notebooks_dir: Path, executed_dir: Path) -> list[Path]:
     """Copy the checked cells' outputs from executed copies into the source notebooks (after a deliberate change)."""
+    import nbformat
+
     changed = []
     for nb_path in series_notebooks(notebooks_dir):
         executed_path = executed_dir / nb_path.name
@@ -133,7 +134,7 @@ def refresh_checked_outputs(notebooks_dir: Path, executed_dir: Path) -> list[Pat
         source, executed = nbformat.read(nb_path, 4), nbformat.read(executed_path, 4)
         by_source = {c.source: c.outputs for c in executed.cells if c.cell_type == "code"}
         outputs = {i: by_source.get(c.source, []) for i, c in enumerate(source.cells) if is_checked(c)}
-        nbformat.write(clean_notebook(source, outputs), nb_path)
+        write_notebook_atomic(clean_notebook(source, outputs), nb_path)
         changed.append(nb_path)
     return changed
 
@@ -165,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         _, code = run_series(args.notebooks, args.output_dir, args.profile, params, only, not args.no_progress)
         return code
     if args.command == "clean-notebooks":
+        import nbformat
+
         for nb_path in series_notebooks(args.notebooks):
-            nbformat.write(clean_notebook(nbformat.read(nb_path, 4)), nb_path)
+            write_notebook_atomic(clean_notebook(nbformat.read(nb_path, 4)), nb_path)
         return 0
     for path in refresh_checked_outputs(args.notebooks, args.executed):
         print(f"refreshed {path}")

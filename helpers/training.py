@@ -1,8 +1,9 @@
 """One DreamBooth-style LoRA per subject, after diffusers' ``train_dreambooth_lora_sdxl.py``.
 
-Latents and text embeddings are computed once, so the loop needs only the UNet. Checkpoints (LoRA weights, optimizer
-and RNG state, all in one safetensors file) are written atomically every ``checkpoint_every`` steps; an interrupted
-run resumes bit-exactly. A LoRA whose training-config hash matches is not trained again.
+Four pieces, each on a screen: **skip** (the LoRA on disk was trained from this exact fingerprint), **prepare**
+(latents and text embeddings computed once, so the loop needs only the UNet), **loop** (steps with atomic
+checkpoints every ``checkpoint_every`` steps; an interrupted run resumes bit-exactly) and **export** (the adapter in
+diffusers' format, loadable by ``load_lora_weights``, plus ``train_meta.json``).
 """
 from __future__ import annotations
 
@@ -22,18 +23,16 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ProjectConfig, Subject, atomic_path, write_text_atomic
+from .adapters import LORA_WEIGHTS_FILE, generate
+from .config import ProjectConfig, Subject
 from .data import augment, load_subject_photos, subject_photo_paths
-from .models import ModelBundle, load_models, model_source
-from .pipeline import LORA_WEIGHTS_FILE, only_adapter, save_image_atomic
+from .io import atomic_path, save_image_atomic, write_json_atomic
+from .models import ModelBundle, library_versions, load_models, model_source
 
 META_FILE = "train_meta.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VIEWS_PER_PHOTO = 4  # augmented crops/flips per photo, encoded once
-HASHED_FIELDS = ("profile", "train_steps", "train_resolution", "train_batch_size", "lora_rank", "lora_alpha",
-                 "learning_rate", "min_snr_gamma", "prior_preservation", "prior_loss_weight", "num_class_images",
-                 "seed")
 
 
 @dataclass
@@ -48,15 +47,15 @@ class TrainReport:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# hashing and metadata
+# skip: fingerprints and metadata
 # ----------------------------------------------------------------------------------------------------------------
-def training_fingerprint(config: ProjectConfig, subject: Subject, model_source: str) -> dict:
+def training_fingerprint(config: ProjectConfig, subject: Subject, base_model: str) -> dict:
     """What decides the LoRA's weights: settings, subject words, base model and the photos' bytes."""
     photos = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
               for p in subject_photo_paths(config.data_path(subject), subject.name)}
-    settings = {k: getattr(config, k) for k in HASHED_FIELDS}
-    return {"settings": settings, "subject": {"token": subject.token, "class_name": subject.class_name},
-            "base_model": model_source, "photos": photos}
+    return {"settings": config.hashed_settings(),
+            "subject": {"token": subject.token, "class_name": subject.class_name},
+            "base_model": base_model, "photos": photos}
 
 
 def fingerprint_hash(fingerprint: dict) -> str:
@@ -70,6 +69,11 @@ def read_meta(folder: Path) -> dict | None:
         return None
 
 
+def loss_histories(config: ProjectConfig) -> dict[str, list[float]]:
+    """Each subject's recorded training loss ([] when it has not been trained)."""
+    return {s.name: (read_meta(config.lora_path(s)) or {}).get("loss_history", []) for s in config.subjects}
+
+
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(old) | set(new)):
@@ -81,17 +85,27 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def library_versions() -> dict[str, str]:
-    import diffusers
-    import peft
-    import transformers
+def skip_report(config: ProjectConfig, subject: Subject, config_hash: str) -> TrainReport | None:
+    """A "skipped" report when the subject's LoRA exists and was trained with this exact config, else None."""
+    folder = config.lora_path(subject)
+    meta = read_meta(folder)
+    if not (folder / LORA_WEIGHTS_FILE).exists() or not meta or meta.get("config_hash") != config_hash:
+        return None
+    return TrainReport(subject.name, "skipped", meta["steps_done"], 0.0, meta.get("loss_history", []),
+                       str(folder / LORA_WEIGHTS_FILE), f"{subject.name}: LoRA up to date (hash {config_hash}), skipped")
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+
+def retrain_reason(config: ProjectConfig, subject: Subject, fingerprint: dict) -> str:
+    """Why an existing LoRA is trained again ("" when there is none yet)."""
+    meta = read_meta(config.lora_path(subject))
+    if not (config.lora_path(subject) / LORA_WEIGHTS_FILE).exists() or not meta:
+        return ""
+    what = ", ".join(changed_keys(meta.get("fingerprint", {}), fingerprint)) or "unknown"
+    return f"{subject.name}: training config changed ({what}): retraining"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data
+# prepare: everything the loop reads, computed once
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainingData:
@@ -123,17 +137,11 @@ def encode_text(models: ModelBundle, prompt: str) -> tuple[torch.Tensor, torch.T
 def class_images(models: ModelBundle, config: ProjectConfig, subject: Subject) -> list[Image.Image]:
     """Prior-preservation images of the subject's class, generated once by the base model and cached."""
     folder = config.cache_path / "class_images" / f"{subject.class_name.replace(' ', '_')}_{config.train_resolution}"
-    existing = sorted(folder.glob("*.png"))
-    images = [Image.open(p).convert("RGB") for p in existing[:config.num_class_images]]
-    with only_adapter(models, None):
-        for i in range(len(images), config.num_class_images):
-            latents = models.txt2img(
-                prompt=subject.class_prompt, height=config.train_resolution, width=config.train_resolution,
-                num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                generator=models.generator(10_000 + i), output_type="latent").images
-            image = models.decode(latents)[0]
-            save_image_atomic(image, folder / f"{i:04d}.png")
-            images.append(image)
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))[:config.num_class_images]]
+    for i in range(len(images), config.num_class_images):
+        image = generate(models, config, subject.class_prompt, 10_000 + i, size=config.train_resolution)
+        save_image_atomic(image, folder / f"{i:04d}.png")
+        images.append(image)
     return images
 
 
@@ -151,35 +159,54 @@ def prepare_training_data(models: ModelBundle, config: ProjectConfig, subject: S
     return data
 
 
+def offload_encoders(models: ModelBundle) -> None:
+    """On CUDA, park the VAE and both text encoders on the CPU while the loop runs: it only needs the UNet."""
+    if models.device.type == "cuda":
+        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def restore_encoders(models: ModelBundle) -> None:
+    if models.device.type == "cuda":
+        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
+            module.to(models.device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# the loop
+# loop: the trainer
 # ----------------------------------------------------------------------------------------------------------------
+def attach_training_adapter(unet, config: ProjectConfig, adapter_name: str) -> list[torch.nn.Parameter]:
+    """A fresh, seeded LoRA on the UNet's attention projections; returns its (float32) trainable parameters."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
+    torch.manual_seed(config.seed)  # LoRA init is random: seed it so a resumed run starts from the same point
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES),
+                     adapter_name=adapter_name)
+    unet.set_adapters([adapter_name])
+    unet.requires_grad_(False)
+    params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32, the frozen base in fp16
+    return params
+
+
 class LoraTrainer:
     """A LoRA adapter on the bundle's UNet, its optimizer and its RNG: step, checkpoint, resume, export."""
 
     def __init__(self, models: ModelBundle, config: ProjectConfig, adapter_name: str, data: TrainingData):
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         self.models, self.config, self.adapter_name, self.data = models, config, adapter_name, data
         self.unet = models.unet
         self.noise_scheduler = DDPMScheduler.from_config(models.txt2img.scheduler.config)
         self.cuda = models.device.type == "cuda"
-        if adapter_name in (getattr(self.unet, "peft_config", None) or {}):
-            self.unet.delete_adapters(adapter_name)
-        torch.manual_seed(config.seed)  # LoRA init is random: seed it so a resumed run starts from the same point
-        self.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                         init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES),
-                              adapter_name=adapter_name)
-        self.unet.set_adapters([adapter_name])
-        self.unet.requires_grad_(False)
-        self.params: list[torch.nn.Parameter] = []
-        for name, p in self.unet.named_parameters():
-            if f".{adapter_name}." in name and "lora_" in name:
-                p.requires_grad_(True)
-                self.params.append(p)
-        cast_training_params(self.unet, dtype=torch.float32)  # trainable weights in fp32, the frozen base in fp16
+        self.params = attach_training_adapter(self.unet, config, adapter_name)
         if self.cuda and config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
@@ -215,10 +242,9 @@ class LoraTrainer:
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(sched, timesteps)
-            weights = torch.clamp(snr, max=self.config.min_snr_gamma) / snr
-            if sched.config.prediction_type == "v_prediction":
-                weights = torch.clamp(snr, max=self.config.min_snr_gamma) / (snr + 1)
-            per_sample = per_sample * weights
+            clamped = torch.clamp(snr, max=self.config.min_snr_gamma)
+            per_sample = per_sample * (clamped / (snr + 1) if sched.config.prediction_type == "v_prediction"
+                                       else clamped / snr)
         return per_sample.mean()
 
     def step(self) -> float:
@@ -242,7 +268,6 @@ class LoraTrainer:
         self.loss_history.append(value)
         return value
 
-    # -- export -------------------------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in diffusers' format (what ``load_lora_weights`` reads)."""
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -250,62 +275,6 @@ class LoraTrainer:
 
         state = get_peft_model_state_dict(self.unet, adapter_name=self.adapter_name)
         return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
-
-    def save_lora(self, folder: Path) -> Path:
-        """``save_lora_weights`` into a temp folder, then an atomic rename over the final file."""
-        from diffusers import StableDiffusionXLPipeline
-
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=self.lora_state_dict(),
-                                                        safe_serialization=True)
-            os.replace(Path(tmp) / LORA_WEIGHTS_FILE, folder / LORA_WEIGHTS_FILE)
-        return folder / LORA_WEIGHTS_FILE
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path, config_hash: str) -> None:
-        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.params)}
-        opt = self.optimizer.state_dict()
-        for pid, state in opt["state"].items():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng"] = self.generator.get_state()
-        scalars = {pid: {k: v for k, v in st.items() if not torch.is_tensor(v)} for pid, st in opt["state"].items()}
-        metadata = {"step": str(self.step_count), "config_hash": config_hash,
-                    "loss_history": json.dumps(self.loss_history), "param_groups": json.dumps(opt["param_groups"]),
-                    "opt_scalars": json.dumps(scalars)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-
-    def load_checkpoint(self, path: Path, config_hash: str) -> bool:
-        """Restore weights, optimizer and RNG; False (and a warning) for a foreign or unreadable checkpoint."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            warnings.warn(f"{path}: unreadable checkpoint ({e}); starting this subject from step 0")
-            return False
-        if metadata.get("config_hash") != config_hash:
-            warnings.warn(f"{path}: checkpoint is from another training config; starting from step 0")
-            return False
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
-        scalars = json.loads(metadata["opt_scalars"])
-        state = {}
-        for pid, st in scalars.items():
-            state[int(pid)] = dict(st)
-            for key in [k.split(".", 2)[2] for k in tensors if k.startswith(f"opt.{pid}.")]:
-                state[int(pid)][key] = tensors[f"opt.{pid}.{key}"]
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-        self.generator.set_state(tensors["rng"])
-        self.step_count = int(metadata["step"])
-        self.loss_history = json.loads(metadata["loss_history"])
-        return True
 
     def close(self) -> None:
         """Take the training adapter off the shared UNet and restore inference settings."""
@@ -319,85 +288,124 @@ class LoraTrainer:
         self.unet.requires_grad_(False)
 
 
-def offload_encoders(models: ModelBundle) -> None:
-    """On CUDA, park the VAE and both text encoders on the CPU while the loop runs: it only needs the UNet."""
-    if models.device.type == "cuda":
-        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
-            module.to("cpu")
-        torch.cuda.empty_cache()
+def save_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> None:
+    """LoRA weights, optimizer state and RNG in one safetensors file, written atomically."""
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(trainer.params)}
+    opt = trainer.optimizer.state_dict()
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng"] = trainer.generator.get_state()
+    scalars = {pid: {k: v for k, v in st.items() if not torch.is_tensor(v)} for pid, st in opt["state"].items()}
+    metadata = {"step": str(trainer.step_count), "config_hash": config_hash,
+                "loss_history": json.dumps(trainer.loss_history), "param_groups": json.dumps(opt["param_groups"]),
+                "opt_scalars": json.dumps(scalars)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def restore_encoders(models: ModelBundle) -> None:
-    if models.device.type == "cuda":
-        for module in (models.vae, models.txt2img.text_encoder, models.txt2img.text_encoder_2):
-            module.to(models.device)
+def load_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> bool:
+    """Restore weights, optimizer and RNG; False (and a warning) for a foreign or unreadable checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        warnings.warn(f"{path}: unreadable checkpoint ({e}); starting this subject from step 0")
+        return False
+    if metadata.get("config_hash") != config_hash:
+        warnings.warn(f"{path}: checkpoint is from another training config; starting from step 0")
+        return False
+    with torch.no_grad():
+        for i, p in enumerate(trainer.params):
+            p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
+    state = {}
+    for pid, scalars in json.loads(metadata["opt_scalars"]).items():
+        state[int(pid)] = dict(scalars)
+        for key in [k.split(".", 2)[2] for k in tensors if k.startswith(f"opt.{pid}.")]:
+            state[int(pid)][key] = tensors[f"opt.{pid}.{key}"]
+    trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    trainer.generator.set_state(tensors["rng"])
+    trainer.step_count = int(metadata["step"])
+    trainer.loss_history = json.loads(metadata["loss_history"])
+    return True
+
+
+def run_steps(trainer: LoraTrainer, checkpoint: Path, config_hash: str, steps: int, progress: bool,
+              label: str) -> None:
+    """``steps`` optimizer steps with a progress bar, checkpointing every ``checkpoint_every`` steps and at the end
+    of a time-boxed call that stops before ``train_steps``."""
+    from tqdm.auto import tqdm
+
+    config = trainer.config
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=config.train_steps, initial=trainer.step_count, desc=f"train {label}",
+              disable=not progress, leave=False) as bar:
+        for _ in range(steps):
+            loss = trainer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if trainer.step_count % config.checkpoint_every == 0 and trainer.step_count < config.train_steps:
+                save_checkpoint(trainer, checkpoint, config_hash)
+    if trainer.step_count < config.train_steps:
+        save_checkpoint(trainer, checkpoint, config_hash)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------------
+def export_lora(trainer: LoraTrainer, subject: Subject, folder: Path, fingerprint: dict, seconds: float,
+                resumed: bool) -> Path:
+    """``save_lora_weights`` into a temp folder, an atomic rename over the final file, then the metadata that the
+    skip check reads; the checkpoint is removed last."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=trainer.lora_state_dict(),
+                                                    safe_serialization=True)
+        os.replace(Path(tmp) / LORA_WEIGHTS_FILE, folder / LORA_WEIGHTS_FILE)
+    write_json_atomic(folder / META_FILE, {
+        "subject": subject.name, "config_hash": fingerprint_hash(fingerprint), "fingerprint": fingerprint,
+        "steps_done": trainer.step_count, "loss_history": trainer.loss_history, "seconds": round(seconds, 3),
+        "resumed": resumed, "versions": library_versions(), "device": trainer.models.device.type,
+    })
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return folder / LORA_WEIGHTS_FILE
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry points
 # ----------------------------------------------------------------------------------------------------------------
-def skip_report(config: ProjectConfig, subject: Subject, config_hash: str) -> TrainReport | None:
-    """A "skipped" report when the subject's LoRA exists and was trained with this exact config, else None."""
-    folder = config.lora_path(subject)
-    meta = read_meta(folder)
-    if not (folder / LORA_WEIGHTS_FILE).exists() or not meta or meta.get("config_hash") != config_hash:
-        return None
-    return TrainReport(subject.name, "skipped", meta["steps_done"], 0.0, meta.get("loss_history", []),
-                       str(folder / LORA_WEIGHTS_FILE), f"{subject.name}: LoRA up to date (hash {config_hash}), skipped")
-
-
 def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, force: bool = False,
                   stop_after_steps: int | None = None, progress: bool = True,
                   fingerprint: dict | None = None) -> TrainReport:
     """Train (or skip, or resume) one subject's LoRA; see the module docstring for the rules."""
-    from tqdm.auto import tqdm
-
-    folder = config.lora_path(subject)
     fingerprint = fingerprint or training_fingerprint(config, subject, model_source(config.profile))
     config_hash = fingerprint_hash(fingerprint)
     if not force and (skipped := skip_report(config, subject, config_hash)):
         return skipped
-    meta = read_meta(folder)
-    lora_file = folder / LORA_WEIGHTS_FILE
-    message = ""
-    if lora_file.exists() and meta and not force:
-        what = ", ".join(changed_keys(meta.get("fingerprint", {}), fingerprint)) or "unknown"
-        message = f"{subject.name}: training config changed ({what}): retraining"
-    start = time.perf_counter()
+    message = "" if force else retrain_reason(config, subject, fingerprint)
+    folder, start = config.lora_path(subject), time.perf_counter()
     data = prepare_training_data(models, config, subject)
     offload_encoders(models)
     trainer = LoraTrainer(models, config, f"{subject.name}__training", data)
-    checkpoint = folder / CHECKPOINT_FILE
-    resumed = False
     try:
-        if checkpoint.exists() and not force:
-            resumed = trainer.load_checkpoint(checkpoint, config_hash)
-        steps_this_call = config.train_steps - trainer.step_count
+        checkpoint = folder / CHECKPOINT_FILE
+        resumed = checkpoint.exists() and not force and load_checkpoint(trainer, checkpoint, config_hash)
+        steps = config.train_steps - trainer.step_count
         if stop_after_steps is not None:
-            steps_this_call = min(steps_this_call, stop_after_steps)
-        folder.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=config.train_steps, initial=trainer.step_count, desc=f"train {subject.name}",
-                   disable=not progress, leave=False)
-        for _ in range(steps_this_call):
-            loss = trainer.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if trainer.step_count % config.checkpoint_every == 0 and trainer.step_count < config.train_steps:
-                trainer.save_checkpoint(checkpoint, config_hash)
-        bar.close()
+            steps = min(steps, stop_after_steps)
+        run_steps(trainer, checkpoint, config_hash, steps, progress, subject.name)
         seconds = time.perf_counter() - start
-        if trainer.step_count < config.train_steps:  # time-boxed call: leave a checkpoint to resume from
-            trainer.save_checkpoint(checkpoint, config_hash)
+        if trainer.step_count < config.train_steps:  # time-boxed call: the checkpoint is there to resume from
             return TrainReport(subject.name, "interrupted", trainer.step_count, seconds, trainer.loss_history, "",
                                f"{subject.name}: stopped at step {trainer.step_count}/{config.train_steps}; "
                                f"run again to resume")
-        trainer.save_lora(folder)
-        write_text_atomic(folder / META_FILE, json.dumps({
-            "subject": subject.name, "config_hash": config_hash, "fingerprint": fingerprint,
-            "steps_done": trainer.step_count, "loss_history": trainer.loss_history, "seconds": round(seconds, 3),
-            "resumed": resumed, "versions": library_versions(), "device": models.device.type,
-        }, indent=2))
-        checkpoint.unlink(missing_ok=True)
+        lora_file = export_lora(trainer, subject, folder, fingerprint, seconds, resumed)
     finally:
         trainer.close()
         restore_encoders(models)
@@ -411,13 +419,14 @@ def run_training(config: ProjectConfig, force: bool = False, models: ModelBundle
     """Train one LoRA per subject of ``config``; up-to-date ones are skipped unless ``force``.
 
     A changed training config (settings, subject words, base model or photos) retrains that subject automatically:
-    the old LoRA stays in place until the new one is written, and the message names what changed.
+    the old LoRA stays in place until the new one is written, and the message names what changed. The models are
+    loaded only when something needs training.
     """
     reports = {}
     for subject in config.subjects:
         fingerprint = training_fingerprint(config, subject, model_source(config.profile))
         report = None if force else skip_report(config, subject, fingerprint_hash(fingerprint))
-        if report is None:  # the model is loaded only when something needs training
+        if report is None:
             models = models or load_models(config)
             report = train_subject(models, config, subject, force, stop_after_steps, progress, fingerprint)
         reports[subject.name] = report

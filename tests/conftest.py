@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.config import PROJECT_ROOT, ProjectConfig, make_config
+from helpers.config import PROJECT_ROOT, ProjectConfig
 from helpers.models import load_models
+from helpers.notebook import make_config
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +29,7 @@ def tiny_models(tiny_config):
 @pytest.fixture(scope="session")
 def trained(tiny_config, tiny_models):
     """Both demo subjects trained once and loaded as adapters."""
-    from helpers.pipeline import load_subject_loras
+    from helpers.adapters import load_subject_loras
     from helpers.training import run_training
 
     reports = run_training(tiny_config, models=tiny_models, progress=False)
@@ -49,3 +50,31 @@ def demo_photos(tmp_path) -> Path:
     target = tmp_path / "data"
     shutil.copytree(PROJECT_ROOT / "data", target, ignore=shutil.ignore_patterns("*.md"))
     return target
+
+
+class UnetAdapterSpy:
+    """Records, at every UNet forward call, which adapters really are active (observed on the UNet's peft layers,
+    not taken from what the code under test reports about itself)."""
+
+    def __init__(self, models):
+        self.models, self.calls = models, []
+
+    def __enter__(self):
+        from helpers.adapters import active_adapters
+
+        self.handle = self.models.unet.register_forward_pre_hook(
+            lambda *_: self.calls.append(tuple(active_adapters(self.models))))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def runs(self) -> list[tuple[str, ...]]:
+        """Consecutive calls with the same active set, collapsed: [(), ("cat",), ("mug",)] for coarse-to-fine."""
+        return [c for i, c in enumerate(self.calls) if i == 0 or c != self.calls[i - 1]]
+
+
+@pytest.fixture
+def unet_spy(tiny_models):
+    with UnetAdapterSpy(tiny_models) as spy:
+        yield spy

@@ -1,16 +1,25 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import evaluation as he
 from helpers.layout import default_layout, masks
 
 
-def test_identical_images_give_maximal_similarity(tiny_config):
-    from helpers.qa import ClipScorer
-    refs = {"cat": [Image.new("RGB", (64, 64), (200, 100, 50))], "mug": [Image.new("RGB", (64, 64), (20, 40, 220))]}
+def test_leakage_matrix_rows_follow_the_scorers_identity_and_swap_with_the_crops(tiny_config):
+    from helpers.scoring import ClipScorer
+    rng = np.random.default_rng(3)
+    refs = {n: [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+            for n in ("cat", "mug")}
     scorer = ClipScorer.for_config(tiny_config, references=refs)
-    assert abs(scorer.identity(refs["cat"][0], "cat") - 1.0) < 1e-5
-    assert scorer.identity(refs["cat"][0], "mug") < scorer.identity(refs["cat"][0], "cat")
+    image = Image.new("RGB", (64, 64))
+    image.paste(refs["cat"][0], (0, 0))
+    m = masks(default_layout(["cat", "mug"], 64, 64), 64, 64, 2)
+    matrix = he.leakage_matrix(scorer, image, m, ["cat", "mug"], 0.15)
+    crops = he.region_crops(image, m, ["cat", "mug"], 0.15)
+    expected = [[scorer.identity(crops[r], s) for s in ("cat", "mug")] for r in ("cat", "mug")]
+    np.testing.assert_allclose(matrix, expected, rtol=1e-5)
+    assert scorer.leakage_row(crops["cat"], "cat") == pytest.approx(dict(zip(("cat", "mug"), expected[0])))
 
 
 def test_leakage_matrix_of_swapped_crops_is_transposed():

@@ -2,7 +2,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import open_clip
@@ -10,7 +9,9 @@ import pytest
 import torch
 
 from helpers import models as hm
+from helpers import profiles as hpr
 from helpers.config import PROJECT_ROOT
+from helpers.notebook import demonstrate_nan_guard
 from helpers.pipeline import generate_scene
 
 PROMPTS = [
@@ -32,11 +33,11 @@ def test_tiny_bundle_shares_components(tiny_models):
 
 
 def test_tiny_is_loaded_back_with_from_pretrained(tiny_config, tiny_models):
-    folder = tiny_config.cache_path / hm.TINY_VERSION
+    folder = tiny_config.cache_path / hpr.TINY_VERSION
     assert (folder / "model_index.json").exists()
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert tiny_models.source == str(folder)
-    assert hm.ensure_tiny_pipeline(tiny_config.cache_path) == folder  # cached: not rebuilt
+    assert hpr.ensure_tiny_pipeline(tiny_config.cache_path) == folder  # cached: not rebuilt
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -52,7 +53,7 @@ def test_tokenizer_ids_equal_open_clip(tiny_models, prompt):
 
 
 def test_nan_guard_falls_back_to_float32(tiny_models):
-    report = hm.demonstrate_nan_guard(tiny_models)
+    report = demonstrate_nan_guard(tiny_models)
     assert report == {"normal_decode_finite": True, "reduced_precision_dtype": "torch.bfloat16",
                       "guarded_decode_finite": True, "float32_fallbacks": 1}
     assert tiny_models.vae.dtype == torch.float32  # restored
@@ -77,8 +78,8 @@ def _image_digest(models, config, seed=3) -> str:
 
 DIGEST_SCRIPT = """
 import hashlib, numpy as np
-from helpers.config import make_config
 from helpers.models import load_models
+from helpers.notebook import make_config
 from helpers.pipeline import generate_scene
 c = make_config("tiny", output_dir={out!r})
 m = load_models(c)
@@ -98,41 +99,39 @@ def test_same_seed_same_image_in_process_and_across_processes(tiny_config, tiny_
 
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_sdxl_without_network_fails_fast_with_one_line(tmp_path, offline):
+    """Fails before any pipeline class is imported or any weight is read: one line that says what to do."""
     env = {**os.environ, "HELPERS_PROFILE": "sdxl", "HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path / "hf")}
-    script = ("from helpers.config import make_config\nfrom helpers.models import load_models\n"
-              "try:\n    load_models(make_config())\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
-    start = time.perf_counter()
+    script = ("import sys\nfrom helpers.notebook import make_config\nfrom helpers.models import load_models\n"
+              "try:\n    load_models(make_config())\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+              "print(any('pipeline_stable_diffusion_xl' in m for m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
-                         cwd=PROJECT_ROOT, timeout=60)
-    elapsed = time.perf_counter() - start
+                         cwd=PROJECT_ROOT, timeout=120)
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 1, out.stdout + out.stderr
+    assert len(lines) == 2 and lines[1] == "False", out.stdout + out.stderr
     assert lines[0].startswith("ModelUnavailableError")
-    assert hm.SDXL_VAE_FP16_FIX_ID in lines[0] and "HELPERS_PROFILE=tiny" in lines[0]
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert hpr.SDXL_VAE_FP16_FIX_ID in lines[0] and "HELPERS_PROFILE=tiny" in lines[0]
+    assert "`hf download" in lines[0]  # today's huggingface_hub CLI (huggingface-cli is gone)
 
 
 def test_sdxl_loading_code_runs_on_a_local_pipeline_folder(tiny_config, tiny_models, monkeypatch):
-    """The sdxl path (fp16-fix VAE swapped in, from_pretrained with safetensors) on a locally saved pipeline."""
-    folder = tiny_config.cache_path / hm.TINY_VERSION
-    monkeypatch.setattr(hm, "SDXL_BASE_ID", str(folder))
-    monkeypatch.setattr(hm, "SDXL_VAE_FP16_FIX_ID", str(folder / "vae"))
-    pipe = hm.load_sdxl_pipeline(torch.float32)
+    """The sdxl path (fp16-fix VAE swapped in, from_pretrained with safetensors) on a locally saved pipeline: every
+    weight of every component arrives."""
+    folder = tiny_config.cache_path / hpr.TINY_VERSION
+    monkeypatch.setattr(hpr, "SDXL_BASE_ID", str(folder))
+    monkeypatch.setattr(hpr, "SDXL_VAE_FP16_FIX_ID", str(folder / "vae"))
+    pipe = hpr.load_sdxl_pipeline(torch.float32)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.vae.config.force_upcast is False
-    for name, param in pipe.unet.named_parameters():
-        assert torch.equal(param, dict(tiny_models.unet.named_parameters())[name])
-        break
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        loaded, reference = getattr(pipe, name).state_dict(), getattr(tiny_models.txt2img, name).state_dict()
+        assert loaded.keys() == reference.keys(), name
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference), name
 
 
-def test_sdxl_random_architecture_matches_the_design_card():
-    config = hm.SDXL_UNET_CONFIG
-    assert config["block_out_channels"] == (320, 640, 1280) and config["transformer_layers_per_block"] == (1, 2, 10)
-    assert config["cross_attention_dim"] == hm.SDXL_TEXT_CONFIGS[0]["hidden_size"] + \
-        hm.SDXL_TEXT_CONFIGS[1]["hidden_size"]
-    assert config["projection_class_embeddings_input_dim"] == 6 * 256 + hm.SDXL_TEXT_CONFIGS[1]["projection_dim"]
+def test_sdxl_random_unet_has_the_full_size_parameter_count():
+    """Built on the meta device (no memory): the config must give SDXL's 2,567.5 M-parameter UNet."""
+    from diffusers import UNet2DConditionModel
 
-
-def test_environment_report_names_the_versions():
-    report = hm.environment_report()
-    assert report["torch"] == torch.__version__ and report["device"] in ("cpu", "cuda")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**hpr.SDXL_UNET_CONFIG)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 2567.5

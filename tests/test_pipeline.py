@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from helpers import adapters as ha
 from helpers import pipeline as hp
 from helpers.evaluation import outside_mask_max_diff
 from helpers.layout import Layout, Region, default_layout, masks
@@ -24,8 +25,14 @@ def test_outside_all_masks_equals_the_coarse_scene_exactly(result):
     assert not np.array_equal(coarse, final)  # and the subjects' regions did change
 
 
+def test_the_unet_sees_no_adapter_in_phase0_then_only_each_subjects_own(tiny_models, tiny_config, layout, unet_spy):
+    again = hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=11)
+    assert unet_spy.runs() == [(), ("cat",), ("mug",)]
+    assert unet_spy.calls.count(()) == tiny_config.steps  # the whole of Phase 0 ran with every LoRA off
+    assert [p.active_adapters for p in again.passes] == [["cat"], ["mug"]]  # and the record says the same
+
+
 def test_only_the_subjects_own_adapter_is_active_and_other_regions_untouched(result):
-    assert [p.active_adapters for p in result.passes] == [["cat"], ["mug"]]
     coarse, after_cat, after_mug = (np.asarray(im) for im in (result.coarse, *result.stages))
     mug_region, cat_region = result.masks.support["mug"], result.masks.support["cat"]
     assert np.array_equal(after_cat[mug_region], coarse[mug_region])  # the cat pass never touches the mug region
@@ -33,18 +40,10 @@ def test_only_the_subjects_own_adapter_is_active_and_other_regions_untouched(res
     assert not np.array_equal(after_cat[cat_region], coarse[cat_region])
 
 
-def test_phase0_runs_with_every_lora_disabled(tiny_models, tiny_config, trained, monkeypatch):
-    seen = []
-    original = type(tiny_models.txt2img).__call__
-
-    def spy(pipe, *args, **kwargs):
-        seen.append(hp.active_adapters(tiny_models))
-        return original(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny_models.txt2img), "__call__", spy)
+def test_phase0_runs_with_every_lora_disabled_and_the_baseline_with_all(tiny_models, tiny_config, trained, unet_spy):
     hp.generate_scene(tiny_models, tiny_config, "a scene", 0)
     hp.one_pass_baseline(tiny_models, tiny_config, seed=0)
-    assert seen == [[], ["cat", "mug"]]  # Phase 0: none; the baseline: all at once
+    assert unet_spy.runs() == [(), ("cat", "mug")]
 
 
 def test_same_seed_same_images(tiny_models, tiny_config, trained, layout, result):
@@ -69,8 +68,8 @@ def test_result_saves_and_loads(tmp_path, result, tiny_config):
 def test_missing_lora_names_subject_and_notebook(tmp_path, tiny_models, tiny_config):
     config = tiny_config.replace(output_dir=str(tmp_path), subjects=[tiny_config.subjects[0].__class__(
         "dog", "qwe", "dog", "data/cat", "loras/dog")])
-    with pytest.raises(hp.MissingLoraError, match=r"subject 'dog'.*notebooks/01_train_subject_loras"):
-        hp.load_subject_loras(tiny_models, config)
+    with pytest.raises(ha.MissingLoraError, match=r"subject 'dog'.*notebooks/01_train_subject_loras"):
+        ha.load_subject_loras(tiny_models, config)
 
 
 def test_layout_and_config_mismatch_is_listed(tiny_models, tiny_config, trained):
@@ -92,7 +91,7 @@ def test_blend_is_exact_outside_and_mixes_inside():
 def test_crop_box_is_square_and_inside(layout):
     m = masks(layout, 64, 64, 2)
     for name in ("cat", "mug"):
-        x0, y0, x1, y1 = hp.crop_box_for(m, name, 0.15)
+        x0, y0, x1, y1 = m.crop_box(name, 0.15)
         assert x1 - x0 == y1 - y0 and 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 64
         ys, xs = np.nonzero(m.support[name])
         assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1

@@ -5,11 +5,13 @@ import pytest
 
 from helpers import pipeline as hp
 from helpers import qa
+from helpers import scoring as hs
 from helpers.layout import default_layout
 
 
 class ScriptedScorer:
-    """Identity answers the test controls: per subject, a list of scores for successive calls (last one repeats)."""
+    """Identity answers the test controls: per subject, a list of scores for successive calls (last one repeats).
+    The loop tells it which subject's region it scores (the ``Scorer`` protocol), so nothing is monkeypatched."""
 
     def __init__(self, script, references=0.9, rival=0.1):
         self.script = {k: list(v) for k, v in script.items()}
@@ -17,7 +19,6 @@ class ScriptedScorer:
         self.calls = {k: 0 for k in script}
         self.rival = rival
         self.references = references
-        self.current = None
 
     def next_identity(self, subject):
         values = self.script[subject]
@@ -25,9 +26,8 @@ class ScriptedScorer:
         self.calls[subject] += 1
         return value
 
-    def leakage_row(self, image):
-        subject = self.current
-        return {s: (self.next_identity(s) if s == subject else self.rival) for s in self.subject_names}
+    def leakage_row(self, image, region_subject):
+        return {s: (self.next_identity(s) if s == region_subject else self.rival) for s in self.subject_names}
 
     def prompt_score(self, image, text):
         return 0.3
@@ -55,13 +55,6 @@ def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
 
     def run(script, max_retries=2, **config_changes):
         scorer = ScriptedScorer(script)
-        original_score = qa.score_subject
-
-        def score(scorer_, image, result, subject, threshold, margin):
-            scorer_.current = subject.name
-            return original_score(scorer_, image, result, subject, threshold, margin)
-
-        monkeypatch.setattr(qa, "score_subject", score)
         config = tiny_config.replace(max_retries=max_retries, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
                                      **config_changes)
         return qa.qa_loop(tiny_models, base_result, config, scorer), refinements
@@ -76,6 +69,13 @@ def test_exactly_the_failing_subjects_are_refined(run_loop, base_result):
     assert outcome.summary["cat"]["refinements"] == 0 and outcome.summary["mug"]["refinements"] == 1
     outside_mug = ~base_result.masks.support["mug"]  # the passing cat, and everything else, is untouched
     assert np.array_equal(np.asarray(outcome.final)[outside_mug], np.asarray(base_result.final)[outside_mug])
+
+
+def test_refinement_passes_run_with_only_the_refined_subjects_adapter(run_loop, tiny_config, unet_spy):
+    outcome, refinements = run_loop({"cat": [0.1, 0.2], "mug": [0.9]}, max_retries=2)
+    assert [r[0] for r in refinements] == ["cat", "cat"]
+    assert unet_spy.runs() == [("cat",)]  # observed on the UNet itself, at every call of both refinement passes
+    assert len(unet_spy.calls) == 2 * int(tiny_config.steps * tiny_config.refine_strength)
 
 
 def test_never_more_than_max_retries(run_loop):
@@ -110,7 +110,7 @@ def test_pixels_outside_refined_masks_are_untouched(run_loop, base_result):
 
 def test_leakage_fails_a_subject_even_above_threshold(tiny_models, tiny_config, base_result, monkeypatch):
     class Leaky(ScriptedScorer):
-        def leakage_row(self, image):
+        def leakage_row(self, image, region_subject):
             return {"cat": 0.8, "mug": 0.95}  # every region looks more like the mug
 
     scorer = Leaky({"cat": [0.8], "mug": [0.95]})
@@ -133,11 +133,11 @@ def test_log_lists_every_decision_and_saves(run_loop, tmp_path):
 
 
 def test_open_clip_scorer_end_to_end_is_finite_and_reproducible(tiny_models, tiny_config, base_result):
-    scorer = qa.ClipScorer.for_config(tiny_config)
+    scorer = hs.ClipScorer.for_config(tiny_config)
     thresholds = qa.subject_thresholds(scorer, tiny_config)
     assert all(0 < t < 1 for t in thresholds.values())
     first = qa.qa_loop(tiny_models, base_result, tiny_config, scorer, thresholds)
-    second = qa.qa_loop(tiny_models, base_result, tiny_config, qa.ClipScorer.for_config(tiny_config), thresholds)
+    second = qa.qa_loop(tiny_models, base_result, tiny_config, hs.ClipScorer.for_config(tiny_config), thresholds)
     strip = lambda log: [{k: v for k, v in e.items() if k != "seconds"} for e in log]  # noqa: E731
     assert strip(first.log) == strip(second.log)
     assert all(math.isfinite(e["identity"]) and math.isfinite(e["prompt_score"]) for e in first.log)
@@ -155,17 +155,33 @@ def test_thresholds_calibrated_and_fixed(tiny_config):
         assert qa.subject_thresholds(scorer, tiny_config)["cat"] == tiny_config.qa_pass_threshold
 
 
-def test_evaluator_clip_score_api(tiny_config, base_result):
-    evaluator = qa.Evaluator(config=tiny_config)
-    score = evaluator.compute_clip_score(base_result.final, "a cat and a mug")
-    assert 0.0 <= score <= 100.0
-    assert score == evaluator.compute_clip_score(base_result.final, "a cat and a mug")
+def test_evaluator_clip_score_is_100_times_the_floored_cosine(tiny_config, base_result):
+    scorer = hs.ClipScorer.for_config(tiny_config)
+    image_embedding = scorer.embed_images([base_result.final])
+    cosines = []
+    for text in ["a cat and a mug", "a red car on grass", "zzz"]:  # computed independently from the embeddings
+        cosine = float((image_embedding @ scorer.embed_texts([text]).T).item())
+        assert scorer.prompt_score(base_result.final, text) == pytest.approx(cosine, abs=1e-6)
+        assert hs.Evaluator(scorer).compute_clip_score(base_result.final, text) == \
+            pytest.approx(100 * max(cosine, 0.0), abs=1e-4)
+        cosines.append(cosine)
+    assert len(set(cosines)) == 3
+
+    class Fixed:
+        def __init__(self, value):
+            self.value = value
+
+        def prompt_score(self, image, text):
+            return self.value
+
+    assert hs.Evaluator(Fixed(0.314)).compute_clip_score(base_result.final, "x") == pytest.approx(31.4)
+    assert hs.Evaluator(Fixed(-0.2)).compute_clip_score(base_result.final, "x") == 0.0
 
 
 def test_dino_only_on_the_sdxl_profile(tiny_config, monkeypatch):
-    scorer = qa.ClipScorer.for_config(tiny_config)
-    assert qa.optional_dino_scorer(tiny_config, scorer) is None
+    scorer = hs.ClipScorer.for_config(tiny_config)
+    assert hs.optional_dino_scorer(tiny_config, scorer) is None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sdxl = tiny_config.replace(profile="sdxl")
     with pytest.warns(UserWarning, match="DINO scores skipped.*facebook/dinov2-base"):
-        assert qa.optional_dino_scorer(sdxl, scorer) is None
+        assert hs.optional_dino_scorer(sdxl, scorer) is None

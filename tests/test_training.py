@@ -1,12 +1,12 @@
 import json
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.config import make_config
-from helpers.pipeline import LORA_WEIGHTS_FILE, active_adapters, only_adapter
+from helpers import training as ht
+from helpers.adapters import LORA_WEIGHTS_FILE, active_adapters, only_adapter
+from helpers.notebook import make_config
 from helpers.training import CHECKPOINT_FILE, META_FILE, run_training
 
 
@@ -47,10 +47,13 @@ def test_written_lora_loads_and_changes_the_unet(tiny_config, tiny_models, train
     assert torch.equal(_unet_output(tiny_models), mug)
 
 
-def test_second_run_skips_in_seconds(tiny_config, trained, capsys):
-    start = time.perf_counter()
+def test_second_run_skips_without_loading_a_model_or_taking_a_step(tiny_config, trained, capsys, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an up-to-date LoRA must not load models or train")
+
+    monkeypatch.setattr(ht, "load_models", forbidden)
+    monkeypatch.setattr(ht.LoraTrainer, "step", forbidden)
     reports = run_training(tiny_config, progress=False)
-    assert time.perf_counter() - start < 5
     assert {r.status for r in reports.values()} == {"skipped"}
     assert "up to date" in capsys.readouterr().out
 
@@ -71,16 +74,39 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_models):
     assert one["cat"].loss_history == second["cat"].loss_history
 
 
-def test_half_written_or_corrupt_checkpoint_is_never_loaded(tmp_path, tiny_models):
+def test_corrupt_checkpoint_is_never_loaded(tmp_path, tiny_models):
     config = _config(tmp_path)
     config = config.replace(subjects=config.subjects[:1])
     folder = config.lora_path(config.subjects[0])
     folder.mkdir(parents=True)
-    (folder / f".{CHECKPOINT_FILE}.tmp123").write_bytes(b"half a file")  # an interrupted write leaves only this
     (folder / CHECKPOINT_FILE).write_bytes(b"garbage that is not safetensors")
     with pytest.warns(UserWarning, match="unreadable checkpoint"):
         report = run_training(config, models=tiny_models, progress=False)["cat"]
     assert report.status == "trained" and report.steps_done == 6
+
+
+def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint_intact(tmp_path, tiny_models, monkeypatch):
+    config = _config(tmp_path).replace(train_steps=6, checkpoint_every=2)
+    config = config.replace(subjects=config.subjects[:1])
+    run_training(config, models=tiny_models, stop_after_steps=2, progress=False)
+    checkpoint = config.lora_path(config.subjects[0]) / CHECKPOINT_FILE
+    before = checkpoint.read_bytes()
+    real_save_file = ht.save_file
+
+    def dies_halfway(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # the write got this far when the process died
+            f.truncate(len(before) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ht, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, models=tiny_models, progress=False)
+    assert checkpoint.read_bytes() == before  # the completed checkpoint of step 2 is still there, whole
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT_FILE]  # and no half file beside it
+    monkeypatch.setattr(ht, "save_file", real_save_file)
+    report = run_training(config, models=tiny_models, progress=False)["cat"]
+    assert report.status == "resumed" and report.steps_done == 6
 
 
 def test_changed_config_retrains_and_force_always_does(tmp_path, tiny_models, capsys):

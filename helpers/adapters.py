@@ -1,0 +1,88 @@
+"""Subject LoRAs as named adapters on the shared UNet: their file names, loading them, and switching which one is
+active; plus the one text-to-image call of the project, which takes the adapter to use as an argument.
+
+Used by ``training`` (class images, previews), ``pipeline`` (Phase 0, subject passes, the baseline) and so by ``qa``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from .config import ProjectConfig
+from .models import ModelBundle
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+ALL_ADAPTERS = "<all>"  # ``adapter=ALL_ADAPTERS``: every loaded subject LoRA at once (the naive baseline)
+
+
+class MissingLoraError(FileNotFoundError):
+    """A subject has no trained LoRA yet."""
+
+
+def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
+    """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops)."""
+    loaded = set(adapter_names(models))
+    for subject in config.subjects:
+        if subject.name in loaded:
+            continue
+        folder = config.lora_path(subject)
+        if not (folder / LORA_WEIGHTS_FILE).exists():
+            raise MissingLoraError(f"subject {subject.name!r} has no trained LoRA at {folder / LORA_WEIGHTS_FILE}; "
+                                   f"run notebooks/01_train_subject_loras.ipynb first")
+        models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
+    return adapter_names(models)
+
+
+def adapter_names(models: ModelBundle) -> list[str]:
+    return sorted(getattr(models.unet, "peft_config", {}) or {})
+
+
+def active_adapters(models: ModelBundle) -> list[str]:
+    """Adapters that really change the UNet's output right now ([] when LoRA is disabled or none is loaded)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or all(layer.disable_adapters for layer in layers):
+        return []
+    active = layers[0].active_adapters
+    return sorted(active if isinstance(active, list) else [active])
+
+
+@contextmanager
+def only_adapter(models: ModelBundle, name: str | None) -> Iterator[None]:
+    """Exactly one subject's adapter active (``None``: none at all; ``ALL_ADAPTERS``: every loaded one) for the
+    duration of the block."""
+    loaded = adapter_names(models)
+    if name not in (None, ALL_ADAPTERS) and name not in loaded:
+        raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {loaded or 'none'}); call "
+                               f"load_subject_loras first")
+    try:
+        if loaded:
+            if name is None:
+                models.txt2img.disable_lora()
+            else:
+                chosen = loaded if name == ALL_ADAPTERS else [name]
+                models.txt2img.enable_lora()
+                models.txt2img.set_adapters(chosen, adapter_weights=[1.0] * len(chosen))
+        yield
+    finally:
+        if loaded:
+            models.txt2img.enable_lora()
+
+
+def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int, adapter: str | None = None,
+             size: int | None = None) -> Image.Image:
+    """Text to image with exactly ``adapter`` active (None: the base model), decoded through the NaN guard.
+
+    ``size`` defaults to the config's resolution; steps, guidance and the negative prompt come from the config.
+    """
+    size = size or config.resolution
+    with only_adapter(models, adapter), torch.no_grad():
+        latents = models.txt2img(
+            prompt=prompt, negative_prompt=config.negative_prompt, height=size, width=size,
+            num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            generator=models.generator(seed), output_type="latent").images
+    return models.decode(latents)[0]

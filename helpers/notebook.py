@@ -1,0 +1,79 @@
+"""What every notebook does around the method: build the config it runs with (announced, carried over from the
+previous notebook, saved for the next), and notebook 00's demonstration of the NaN guard."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from .config import FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
+from .io import load_config, save_config
+from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
+
+
+def make_config(profile: str = "auto", output_dir: str | None = None, **overrides: Any) -> ProjectConfig:
+    """The config a notebook runs with.
+
+    Starts from ``<output_dir>/config.json`` when an earlier notebook saved one for the same profile (so settings
+    flow down the series), else from the profile's defaults; then applies every override that is not None.
+    ``HELPERS_OUTPUT_DIR`` redirects the output folder (the tests use it to keep their runs apart).
+    """
+    return _config_and_carried(profile, output_dir, overrides)[0]
+
+
+def _config_and_carried(profile: str, output_dir: str | None, overrides: dict[str, Any]) \
+        -> tuple[ProjectConfig, dict[str, Any]]:
+    profile = resolve_profile(profile)
+    output_dir = output_dir or os.environ.get("HELPERS_OUTPUT_DIR") or "output"
+    defaults = ProjectConfig(profile=profile, **PROFILE_DEFAULTS[profile])
+    saved_file = defaults.path(output_dir) / "config.json"
+    base = load_config(saved_file) if saved_file.exists() else None
+    if base is None or base.profile != profile:
+        base = defaults
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    config = base.replace(output_dir=output_dir, **changes)
+    carried = {name: getattr(base, name) for name in FIELD_NAMES
+               if name not in changes and name != "output_dir" and getattr(base, name) != getattr(defaults, name)}
+    return config, carried
+
+
+def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
+    """A notebook's first step: the config from its parameters cell (``globals()``: every name that is a setting
+    and not None overrides it), saved for the next notebook; says which profile runs and what was carried over."""
+    overrides = {name: parameters[name] for name in FIELD_NAMES if parameters.get(name) is not None}
+    profile, output_dir = overrides.pop("profile", "auto"), overrides.pop("output_dir", None)
+    config, carried = _config_and_carried(profile, output_dir, overrides)
+    save_config(config)
+    note = " (random weights: pictures are meaningless, the plumbing is real)" if config.profile != "sdxl" else ""
+    print(f"[{notebook}] profile: {config.profile}{note}; output: {config.output_path}")
+    if carried:
+        names = ", ".join(carried if len(carried) > 4 else [f"{k}={v!r}" for k, v in carried.items()])
+        print(f"[{notebook}] carried over from {config.config_file.name} of an earlier notebook: {names} "
+              f"(a parameter here wins; delete {config.config_file} to start from the defaults)")
+    return config
+
+
+def demonstrate_nan_guard(models: ModelBundle) -> dict[str, object]:
+    """Show the guard at work: a normal decode, then one where a reduced-precision VAE overflows (simulated by
+    turning its decoder output to inf whenever it runs below float32) and the guard re-decodes in float32."""
+    vae = copy.deepcopy(models.vae)  # a copy: a round trip through bfloat16 would round the real VAE's weights
+    size = max(8, models.vae.config.sample_size // 32)
+    latents = torch.randn((1, 4, size, size), generator=models.generator(0)).to(models.device)
+    stats = DecodeStats()
+    normal = decode_latents(vae, latents, stats)
+    half = torch.float16 if models.device.type == "cuda" else torch.bfloat16
+
+    def overflow(_module, _inputs, output):
+        return output * float("inf") if output.dtype != torch.float32 else output
+
+    vae.decoder.register_forward_hook(overflow)
+    vae.to(half)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guarded = decode_latents(vae, latents, stats)
+    del vae
+    return {"normal_decode_finite": bool(torch.isfinite(normal).all()), "reduced_precision_dtype": str(half),
+            "guarded_decode_finite": bool(torch.isfinite(guarded).all()), "float32_fallbacks": stats.float32_fallbacks}
