@@ -45,8 +45,12 @@ def run_series(notebooks_dir: Path = NOTEBOOKS_DIR, output_dir: str | None = Non
                parameters: dict | None = None, only: list[str] | None = None, progress: bool = True,
                stream=sys.stdout) -> tuple[list[NotebookRun], int]:
     """Execute the series; returns the per-notebook runs and an exit code (0 ok, 1 a notebook failed)."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
+    try:
+        import papermill as pm
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError:
+        print("the runner needs papermill: pip install -e '.[lab]' (or `make run`, which installs it)", file=stream)
+        return [], 1
 
     params = dict(parameters or {})
     if profile:
