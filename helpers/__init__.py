@@ -2,15 +2,16 @@
 
 Stage order (a module imports only from modules before it; ``tests/test_structure.py`` checks it):
 
-    config -> io -> profiles -> models -> notebook -> data -> adapters -> layout -> designer -> training
-    -> pipeline -> scoring -> qa -> evaluation -> figures -> run
+    config -> io -> world -> profiles -> models -> notebook -> data -> adapters -> layout -> designer
+    -> training -> pipeline -> scoring -> qa -> evaluation -> figures -> run -> world_train -> world_eval
 
-``config`` is plain data; ``io`` writes files atomically; ``profiles`` says where each profile's weights come from and
+``config`` is plain data; ``io`` writes files atomically; ``world`` renders the offline world; ``profiles`` says where each profile's weights come from and
 ``models`` loads them into one bundle of pipelines with the NaN-guarded decode; ``notebook`` builds the config a
 notebook runs with; ``data`` reads subject photos; ``adapters`` switches subject LoRAs and owns the one
 text-to-image call; ``layout`` (+ ``designer``, its ipywidgets UI) says where each subject goes; ``training`` makes
 the LoRAs; ``pipeline`` runs coarse-to-fine; ``scoring`` turns pictures into numbers; ``qa`` refines failing
-subjects; ``evaluation`` compares methods; ``figures`` plots and writes the report; ``run`` executes the notebooks.
+subjects; ``evaluation`` compares methods; ``figures`` plots and writes the report; ``run`` executes the notebooks;
+``world_train`` trains the world's models on a GPU and ``world_eval`` measures them.
 
 Notebooks use one alias per module across the series: ``hn`` notebook, ``hd`` data, ``hm`` models, ``ha`` adapters,
 ``hl`` layout, ``hld`` designer, ``ht`` training, ``hp`` pipeline, ``hs`` scoring, ``hq`` qa, ``he`` evaluation,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("tiny", "sdxl", "sdxl-random")
+PROFILES = ("world", "tiny", "sdxl", "sdxl-random")
 CONFIG_FILE = "config.json"
 
 # The seed's defaults: two demo subjects and one pass threshold on the identity score (CLIP-I cosine).
@@ -49,6 +49,11 @@ SUBJECTS = [
     Subject("cat", "sks", "cat", "data/cat", "loras/cat"),
     Subject("mug", "zwx", "mug", "data/mug", "loras/mug"),
 ]
+# The world profile's personal subjects: rendered photos of a cat and a mug whose look never occurs in its base data.
+WORLD_SUBJECTS = [
+    Subject("cat", "sks", "cat", "data/world/cat", "loras/cat"),
+    Subject("mug", "zwx", "mug", "data/world/mug", "loras/mug"),
+]
 
 
 def setting(default: Any, group: str, *, hashed: bool = False, low: float | None = None, high: float | None = None,
@@ -64,37 +69,48 @@ def setting(default: Any, group: str, *, hashed: bool = False, low: float | None
     return field(default=default, metadata=meta)
 
 
+def list_setting(default: list[str], group: str, **profile_defaults: list[str]) -> Any:
+    """A list-of-strings setting (copied per config, so no two configs share one list)."""
+    meta = dict(group=group, hashed=False, low=None, high=None, above=None, below=None, choices=None,
+                multiple_of=None, kind=list, profiles=profile_defaults)
+    return field(default_factory=lambda: list(default), metadata=meta)
+
+
 @dataclass
 class ProjectConfig:
     """Everything a notebook needs to know. Flat on purpose: papermill parameters override fields by name."""
 
     profile: str = setting("tiny", "model", hashed=True, choices=PROFILES)
-    subjects: list[Subject] = field(default_factory=lambda: list(SUBJECTS), metadata=dict(group="subjects"))
+    subjects: list[Subject] = field(default_factory=lambda: list(SUBJECTS),
+                                    metadata=dict(group="subjects", profiles={"world": WORLD_SUBJECTS}))
     output_dir: str = setting("output", "paths")
     cache_dir: str = setting("cache", "paths")  # relative to output_dir: the tiny model and class images live here
     # generation
-    resolution: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=1024)
-    steps: int = setting(4, "generation", low=1, tiny=4, sdxl=30)
+    resolution: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=1024, world=128)
+    steps: int = setting(4, "generation", low=1, tiny=4, sdxl=30, world=20)
     guidance_scale: float = setting(5.0, "generation", low=0.0)
     seed: int = setting(0, "generation", hashed=True, low=0)
-    scene_prompt: str = setting("a cat and a mug on a wooden table, soft window light", "generation")
-    negative_prompt: str = setting("blurry, deformed, low quality", "generation")
-    subject_prompt_suffix: str = setting("on a wooden table, soft window light", "generation")
+    scene_prompt: str = setting("a cat and a mug on a wooden table, soft window light", "generation",
+                                world="a cat left of a mug on a wooden table, warm light")
+    negative_prompt: str = setting("blurry, deformed, low quality", "generation", world="")
+    subject_prompt_suffix: str = setting("on a wooden table, soft window light", "generation",
+                                         world="on a wooden table, warm light")
     inpaint_strength: float = setting(0.85, "generation", above=0.0, high=1.0)
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     # training
-    train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500)
-    train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024)
-    train_batch_size: int = setting(2, "training", hashed=True, low=1, tiny=2, sdxl=1)
-    lora_rank: int = setting(4, "training", hashed=True, low=1, tiny=4, sdxl=16)
+    train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=300)
+    train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024,
+                                    world=128)
+    train_batch_size: int = setting(2, "training", hashed=True, low=1, tiny=2, sdxl=1, world=4)
+    lora_rank: int = setting(4, "training", hashed=True, low=1, tiny=4, sdxl=16, world=8)
     lora_alpha: int = setting(0, "training", hashed=True, low=0)  # 0: same as rank
-    learning_rate: float = setting(1e-4, "training", hashed=True, above=0.0)
+    learning_rate: float = setting(1e-4, "training", hashed=True, above=0.0, world=1e-3)
     min_snr_gamma: float = setting(5.0, "training", hashed=True, low=0.0)  # 0 disables min-SNR weighting
     prior_preservation: bool = setting(False, "training", hashed=True)
     prior_loss_weight: float = setting(1.0, "training", hashed=True, low=0.0)
-    num_class_images: int = setting(4, "training", hashed=True, low=0, tiny=4, sdxl=50)
-    checkpoint_every: int = setting(8, "training", low=1, tiny=8, sdxl=100)
+    num_class_images: int = setting(4, "training", hashed=True, low=0, tiny=4, sdxl=50, world=8)
+    checkpoint_every: int = setting(8, "training", low=1, tiny=8, sdxl=100, world=50)
     gradient_checkpointing: bool = setting(True, "training")
     # QA
     qa_pass_threshold: float = setting(QA_PASS_THRESHOLD, "qa", low=-1.0, high=1.0)
@@ -104,8 +120,12 @@ class ProjectConfig:
     refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
     prompt_boost: float = setting(1.3, "qa", above=0.0)
     # evaluation
-    eval_seeds: int = setting(2, "evaluation", low=1, tiny=2, sdxl=4)
-    eval_prompts: int = setting(1, "evaluation", low=1, tiny=1, sdxl=2)
+    eval_seeds: int = setting(2, "evaluation", low=1, tiny=2, sdxl=4, world=8)
+    eval_prompts: int = setting(1, "evaluation", low=1, tiny=1, sdxl=2, world=2)
+    # more scenes for the evaluation, after scene_prompt; "{subjects}" becomes "a cat and a mug"
+    extra_scene_prompts: list[str] = list_setting(
+        ["{subjects} in a sunny garden", "{subjects} on a kitchen shelf, studio photo"], "evaluation",
+        world=["a cat left of a mug on grass, cool light", "a cat left of a mug under a night sky, neutral light"])
 
     def __post_init__(self) -> None:
         self.subjects = [s if isinstance(s, Subject) else Subject(**s) for s in self.subjects]
@@ -232,7 +252,7 @@ HASHED_FIELDS = tuple(f.name for f in fields(ProjectConfig) if f.metadata.get("h
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     profile: {f.name: f.metadata["profiles"][profile] for f in fields(ProjectConfig)
               if profile in f.metadata.get("profiles", {})}
-    for profile in ("tiny", "sdxl")
+    for profile in ("world", "tiny", "sdxl")
 }
 PROFILE_DEFAULTS["sdxl-random"] = PROFILE_DEFAULTS["sdxl"]
 
@@ -261,6 +281,8 @@ def check_setting(value: Any, meta: dict[str, Any]) -> str | None:
         ok = isinstance(value, kind)
     if not ok:
         return f"must be {'a finite number' if kind is float else 'a ' + kind.__name__}, got {value!r}"
+    if kind is list and not all(isinstance(item, str) for item in value):
+        return f"must be a list of strings, got {value!r}"
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}"
     bounds = [(meta["low"], lambda v, b: v >= b, ">="), (meta["high"], lambda v, b: v <= b, "<="),

@@ -158,8 +158,9 @@ def markdown_table(rows: list[dict], digits: int = 3) -> str:
 
 
 def experiment_prompts(config: ProjectConfig) -> list[str]:
+    """The scene prompt, then the config's extra scenes, ``eval_prompts`` of them in all."""
     classes = " and ".join(f"a {s.class_name}" for s in config.subjects)
-    variants = [config.scene_prompt, f"{classes} in a sunny garden", f"{classes} on a kitchen shelf, studio photo"]
+    variants = [config.scene_prompt, *(p.format(subjects=classes) for p in config.extra_scene_prompts)]
     return variants[:config.eval_prompts]
 
 

@@ -144,6 +144,10 @@ def report_figures(experiments: Experiments, summary: list[dict], layout: Layout
 def _profile_banner(config: ProjectConfig) -> str:
     if config.profile == "sdxl":
         return "Profile: sdxl (real SDXL weights). Scores below measure these images."
+    if config.profile == "world":
+        return ("Profile: world. Small SDXL-architecture models and a CLIP scorer trained on a procedurally rendered "
+                "world (models/world/MODEL_CARD.md): the pictures and scores are real measurements within that world, "
+                "not of SDXL.")
     return (f"PROFILE: {config.profile.upper()}. The images come from RANDOM WEIGHTS and the scores mean NOTHING about "
             f"quality; this report only shows that the whole pipeline runs and its invariants hold. Run the series "
             f"on a GPU with the sdxl profile for real results.")
@@ -164,7 +168,7 @@ def write_report(folder: Path, config: ProjectConfig, tables: dict[str, str], fi
     md_path = folder / "report.md"
     write_text_atomic(md_path, "\n".join(md) + "\n")
 
-    warn_class = "ok" if config.profile == "sdxl" else "warn"
+    warn_class = "ok" if config.profile in ("sdxl", "world") else "warn"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Multi-subject SDXL report</title><style>",
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from .config import PROFILES, ProjectConfig
-from .profiles import (SDXL_BASE_ID, SDXL_VAE_FP16_FIX_ID, TINY_VERSION, build_sdxl_random_pipeline,
-                       ensure_tiny_pipeline, load_pipeline_folder, load_sdxl_pipeline)
+from .profiles import (SDXL_BASE_ID, SDXL_VAE_FP16_FIX_ID, TINY_VERSION, WORLD_DIR, WORLD_VERSION,
+                       build_sdxl_random_pipeline, ensure_tiny_pipeline, load_pipeline_folder, load_sdxl_pipeline,
+                       world_pipeline_folder)
 
 
 class NonFiniteError(RuntimeError):
@@ -65,11 +66,13 @@ class ModelBundle:
 
 
 def resolve_profile(profile: str = "auto") -> str:
-    """'auto' means sdxl on a CUDA machine and tiny elsewhere; HELPERS_PROFILE overrides 'auto'."""
+    """'auto' means sdxl on a CUDA machine and the offline world elsewhere (tiny when the world's weights are
+    missing); HELPERS_PROFILE overrides 'auto'."""
     if profile == "auto":
         profile = os.environ.get("HELPERS_PROFILE", "").strip() or "auto"
     if profile == "auto":
-        profile = "sdxl" if torch.cuda.is_available() else "tiny"
+        offline = "world" if (WORLD_DIR / "pipeline" / "model_index.json").exists() else "tiny"
+        profile = "sdxl" if torch.cuda.is_available() else offline
     if profile not in PROFILES:
         raise ValueError(f"ProjectConfig.profile: unknown profile {profile!r}; choose one of "
                          f"{', '.join(PROFILES)} or 'auto'")
@@ -86,6 +89,10 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None)
     half_on_gpu = torch.float16 if device.type == "cuda" else torch.float32
     if config.profile == "tiny":
         folder = ensure_tiny_pipeline(config.cache_path)
+        dtype, source = torch.float32, str(folder)
+        txt2img = load_pipeline_folder(folder, dtype)
+    elif config.profile == "world":
+        folder = world_pipeline_folder()
         dtype, source = torch.float32, str(folder)
         txt2img = load_pipeline_folder(folder, dtype)
     elif config.profile == "sdxl":
@@ -110,7 +117,7 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None)
 
 def model_source(profile: str) -> str:
     """Names the base weights of a profile (part of a LoRA's training fingerprint)."""
-    return {"tiny": TINY_VERSION, "sdxl": f"{SDXL_BASE_ID}+{SDXL_VAE_FP16_FIX_ID}",
+    return {"tiny": TINY_VERSION, "world": WORLD_VERSION, "sdxl": f"{SDXL_BASE_ID}+{SDXL_VAE_FP16_FIX_ID}",
             "sdxl-random": "sdxl-random"}[profile]
 
 

@@ -47,7 +47,9 @@ def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
     profile, output_dir = overrides.pop("profile", "auto"), overrides.pop("output_dir", None)
     config, carried = _config_and_carried(profile, output_dir, overrides)
     save_config(config)
-    note = " (random weights: pictures are meaningless, the plumbing is real)" if config.profile != "sdxl" else ""
+    note = {"tiny": " (random weights: pictures are meaningless, the plumbing is real)",
+            "world": " (small models trained on a rendered world: offline, and the scores mean something there)",
+            "sdxl-random": " (full-size random weights: for speed and memory only)"}.get(config.profile, "")
     print(f"[{notebook}] profile: {config.profile}{note}; output: {config.output_path}")
     if carried:
         names = ", ".join(carried if len(carried) > 4 else [f"{k}={v!r}" for k, v in carried.items()])

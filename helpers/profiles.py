@@ -3,6 +3,8 @@
 * ``tiny``: SDXL's classes at toy size with seeded random weights, built offline in seconds, saved once with
   ``save_pretrained`` and always loaded back with ``from_pretrained`` (the real loading path).
 * ``sdxl``: the Hub weights with the fp16-fixed VAE; checks the cache / the Hub first and fails fast with one line.
+* ``world``: SDXL's classes at small size, trained on the procedurally rendered world (``helpers.world_train``) and
+  shipped in ``models/world``; loaded with ``from_pretrained`` exactly like a local ``sdxl``.
 * ``sdxl-random``: the full-size SDXL architecture with random weights, for speed and memory benchmarks only.
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
 TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny architecture changes, so stale caches are rebuilt
+WORLD_DIR = Path(__file__).resolve().parent.parent / "models" / "world"  # trained by helpers.world_train
+WORLD_VERSION = "world-v1"  # bump when the shipped world weights change, so LoRAs trained on the old ones retrain
+WORLD_SCORER_NAME = "world-clip"
 TINY_SEED = 1234
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
@@ -142,7 +147,7 @@ def _missing_weights_error(repo_id: str, reason: str) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"cannot load {repo_id!r}: {reason}. Fix: run where huggingface.co is reachable (Colab is), or download it "
         f"once with `hf download {repo_id}` into the HF cache, or use the offline profile "
-        f"(HELPERS_PROFILE=tiny)."
+        f"(HELPERS_PROFILE=world)."
     )
 
 
@@ -250,6 +255,15 @@ def _sdxl_random_is_finite(unet, vae, device: torch.device, dtype: torch.dtype) 
     out = unet(latents, torch.tensor([999], device=device), hidden, added_cond_kwargs=cond).sample
     image = vae.decode(latents / vae.config.scaling_factor).sample
     return bool(torch.isfinite(out).all() and torch.isfinite(image).all())
+
+
+def world_pipeline_folder() -> Path:
+    folder = WORLD_DIR / "pipeline"
+    if not (folder / "model_index.json").exists():
+        raise ModelUnavailableError(f"the world models are missing from {WORLD_DIR}; restore them from git "
+                                    f"(git checkout -- models/world) or retrain with `python -m helpers.world_train "
+                                    f"--out models/world` on a GPU")
+    return folder
 
 
 def load_pipeline_folder(folder: Path, dtype: torch.dtype):

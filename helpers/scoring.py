@@ -18,7 +18,7 @@ from .data import load_subject_photos
 from .io import write_text_atomic
 from .models import default_device
 from .notebook import make_config
-from .profiles import ModelUnavailableError, check_hub_weights
+from .profiles import WORLD_DIR, WORLD_SCORER_NAME, ModelUnavailableError, check_hub_weights
 
 TINY_CLIP_NAME = "helpers-tiny-clip"
 TINY_CLIP_CONFIG = {
@@ -135,6 +135,14 @@ def load_clip(config: ProjectConfig, device: torch.device):
         with _root_logger_at_error():
             model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
         return model, preprocess, open_clip.get_tokenizer(TINY_CLIP_NAME), f"{TINY_CLIP_NAME} (random weights)"
+    if config.profile == "world":
+        scorer_dir = WORLD_DIR / "scorer"
+        open_clip.add_model_config(scorer_dir / f"{WORLD_SCORER_NAME}.json")
+        weights_file = scorer_dir / f"{WORLD_SCORER_NAME}.safetensors"
+        if not weights_file.exists():
+            raise ModelUnavailableError(f"the world scorer is missing: {weights_file}; restore it from git")
+        model, _, preprocess = open_clip.create_model_and_transforms(WORLD_SCORER_NAME, pretrained=str(weights_file))
+        return model.float(), preprocess, open_clip.get_tokenizer(WORLD_SCORER_NAME), f"{WORLD_SCORER_NAME} (trained)"
     arch, weights = SDXL_CLIP
     precision = "fp16" if device.type == "cuda" else "fp32"
     if config.profile == "sdxl-random":

@@ -109,7 +109,7 @@ def test_sdxl_without_network_fails_fast_with_one_line(tmp_path, offline):
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[1] == "False", out.stdout + out.stderr
     assert lines[0].startswith("ModelUnavailableError")
-    assert hpr.SDXL_VAE_FP16_FIX_ID in lines[0] and "HELPERS_PROFILE=tiny" in lines[0]
+    assert hpr.SDXL_VAE_FP16_FIX_ID in lines[0] and "HELPERS_PROFILE=world" in lines[0]
     assert "`hf download" in lines[0]  # today's huggingface_hub CLI (huggingface-cli is gone)
 
 

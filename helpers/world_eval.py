@@ -1,0 +1,156 @@
+"""How good the ``world`` models are, measured on freshly rendered held-out scenes: ``python -m helpers.world_eval``.
+
+* scorer: zero-shot class and colour accuracy on single-object crops (cropped as the QA loop crops a region);
+* generator: for prompts "a {colour} {class} {on background}", the scorer's zero-shot class and colour of the picture
+  (two-object prompts are reported too: does the scorer prefer the prompt over the same prompt with the two objects'
+  colours swapped?);
+* VAE: reconstruction PSNR on held-out renders.
+
+The quality gates in ``tests/test_world.py`` call these functions with fixed seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import world
+from .adapters import generate
+from .config import ProjectConfig
+from .models import ModelBundle
+
+HELD_OUT_SEED = 10_000_000  # the trainer renders seeds from 0 up; evaluation scenes start far above
+
+
+@dataclass
+class Accuracy:
+    correct: int
+    total: int
+
+    @property
+    def rate(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.rate:.1%} ({self.correct}/{self.total})"
+
+
+def zero_shot(scorer, image: Image.Image, texts: list[str]) -> int:
+    """Index of the text the scorer finds closest to the image."""
+    embedding = scorer.embed_images([image])
+    return int((embedding @ scorer.embed_texts(texts).T).argmax())
+
+
+def object_crop(image: Image.Image, box: tuple[int, int, int, int], margin: float = 0.15) -> Image.Image:
+    x0, y0, x1, y1 = box
+    side = min(int(max(x1 - x0, y1 - y0) * (1 + 2 * margin)), min(image.size))
+    left = int(np.clip((x0 + x1) / 2 - side / 2, 0, image.width - side))
+    top = int(np.clip((y0 + y1) / 2 - side / 2, 0, image.height - side))
+    return image.crop((left, top, left + side, top + side))
+
+
+def scorer_accuracy(scorer, n: int = 200, first_seed: int = HELD_OUT_SEED) -> dict[str, Accuracy]:
+    """Class among the five and colour among the eight (given the class), on ``n`` single-object crops."""
+    hits = {"class": 0, "color": 0, "pattern": 0}
+    for seed in range(first_seed, first_seed + n):
+        scene = world.render_scene(seed, n_objects=1)
+        obj, crop = scene.spec.objects[0], object_crop(scene.image, scene.boxes[0])
+        hits["class"] += world.CLASSES[zero_shot(scorer, crop, [f"a {c}" for c in world.CLASSES])] == obj.cls
+        colors = list(world.COLORS)
+        hits["color"] += colors[zero_shot(scorer, crop, [world.with_article(f"{c} {obj.cls}") for c in colors])] \
+            == obj.color
+        patterns = [world.with_article(f"{obj.color} {'' if p == 'solid' else p + ' '}{obj.cls}".replace("  ", " "))
+                    for p in world.PATTERNS]
+        hits["pattern"] += world.PATTERNS[zero_shot(scorer, crop, patterns)] == obj.pattern
+    return {k: Accuracy(v, n) for k, v in hits.items()}
+
+
+def single_object_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """``n`` (prompt, class, colour, background) with every class, colour and background about equally often."""
+    rng = random.Random(seed)
+    combos = [(c, k, b) for c in world.COLORS for k in world.CLASSES for b in world.BACKGROUNDS]
+    rng.shuffle(combos)
+    return [(f"{world.with_article(f'{c} {k}')} {world.BACKGROUNDS[b]}", k, c, b) for c, k, b in combos[:n]]
+
+
+def generator_accuracy(models: ModelBundle, config: ProjectConfig, scorer, n: int = 32,
+                       seed: int = 0) -> dict[str, Accuracy]:
+    """Generate each prompt once (seed = its index) and ask the scorer for its class and colour."""
+    hits = {"class": 0, "color": 0}
+    for i, (prompt, cls, color, background) in enumerate(single_object_prompts(n, seed)):
+        image = generate(models, config, prompt, seed=i)
+        where = world.BACKGROUNDS[background]
+        hits["class"] += world.CLASSES[zero_shot(scorer, image, [f"a {k} {where}" for k in world.CLASSES])] == cls
+        colors = list(world.COLORS)
+        texts = [f"{world.with_article(f'{c} {cls}')} {where}" for c in colors]
+        hits["color"] += colors[zero_shot(scorer, image, texts)] == color
+    return {k: Accuracy(v, n) for k, v in hits.items()}
+
+
+def two_object_binding(models: ModelBundle, config: ProjectConfig, scorer, n: int = 16,
+                       seed: int = 1) -> Accuracy:
+    """How often the scorer prefers "a red cat left of a blue mug ..." over the same caption with the colours
+    swapped, on generated pictures of the first (a measure of attribute binding; reported, not gated)."""
+    rng = random.Random(seed)
+    correct = 0
+    for i in range(n):
+        (c1, c2), (k1, k2) = rng.sample(list(world.COLORS), 2), rng.sample(world.CLASSES, 2)
+        where = world.BACKGROUNDS[rng.choice(list(world.BACKGROUNDS))]
+        prompt = f"{world.with_article(f'{c1} {k1}')} left of {world.with_article(f'{c2} {k2}')} {where}"
+        swapped = f"{world.with_article(f'{c2} {k1}')} left of {world.with_article(f'{c1} {k2}')} {where}"
+        image = generate(models, config, prompt, seed=1000 + i)
+        correct += zero_shot(scorer, image, [prompt, swapped]) == 0
+    return Accuracy(correct, n)
+
+
+@torch.no_grad()
+def vae_psnr(models: ModelBundle, n: int = 64, first_seed: int = HELD_OUT_SEED) -> float:
+    images = [world.render_scene(s).image for s in range(first_seed, first_seed + n)]
+    pixels = models.txt2img.image_processor.preprocess(images).to(models.device, models.vae.dtype)
+    latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
+    decoded = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255) for im in models.decode(latents)])
+    original = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255) for im in images])
+    mse = ((decoded - original) ** 2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import load_models
+    from .notebook import make_config
+    from .scoring import ClipScorer
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.world_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--objects", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    config = make_config("world", output_dir="output/world-eval")
+    models = load_models(config)
+    scorer = ClipScorer.for_config(config)
+    results = {"scorer": scorer_accuracy(scorer, args.objects),
+               "generator": generator_accuracy(models, config, scorer, args.prompts),
+               "two_objects_colour_binding": two_object_binding(models, config, scorer), "vae_psnr_db": vae_psnr(models)}
+    print(f"{'measure':<40} value")
+    for group, value in results.items():
+        if isinstance(value, dict):
+            for key, acc in value.items():
+                print(f"{group + ' ' + key + ' accuracy':<40} {acc}")
+        else:
+            print(f"{group:<40} {value if isinstance(value, Accuracy) else f'{value:.2f}'}")
+    if args.json:
+        plain = {g: ({k: a.rate for k, a in v.items()} if isinstance(v, dict) else
+                     (v.rate if isinstance(v, Accuracy) else v)) for g, v in results.items()}
+        from .io import write_json_atomic
+
+        write_json_atomic(args.json, plain)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,430 @@
+"""Trains the ``world`` profile's models on rendered scenes: ``python -m helpers.world_train --out <folder>``.
+
+One reproducible command (fixed seeds), meant for one GPU (about 15 minutes on an H100), in four stages that can also
+run one at a time (``--stages``) and resume from what an earlier stage wrote into ``--out``:
+
+1. ``data``: render scenes with captions (CPU processes) and tokenize every caption once.
+2. ``vae``: an ``AutoencoderKL`` with SDXL's 8x downsampling (16x16 latents at 128 px); reports PSNR on held-out
+   renders; sets ``scaling_factor`` so the latents have unit variance, as SD's VAEs do.
+3. ``unet``: SDXL's ``UNet2DConditionModel`` (``text_time`` conditioning) at small size, trained with both SDXL text
+   encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``, small, with the real CLIP tokenizer). The encoders
+   are trained jointly with the UNet: the world's few dozen words need to be told apart, which frozen random
+   encoders do poorly; LoRA training later keeps them frozen, as on SDXL. EMA weights are what is saved.
+4. ``scorer``: an open_clip model with its own config trained contrastively on (render, caption) pairs and on
+   (object crop, "a red striped cat") pairs, saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
+
+The result: ``<out>/pipeline`` (``save_pretrained``, fp16 safetensors) and ``<out>/scorer`` (config + weights) plus
+``<out>/training_report.json``; ``helpers.world_eval`` measures their quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .io import write_json_atomic
+from .profiles import EOS_TOKEN, SCHEDULER_CONFIG, clip_tokenizer
+
+RESOLUTION = world.SIZE
+TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                   projection_dim=32)
+UNET_CONFIG = dict(
+    sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=1, use_linear_projection=True, cross_attention_dim=2 * TEXT_CONFIG["hidden_size"],
+    addition_embed_type="text_time", addition_time_embed_dim=32,
+    projection_class_embeddings_input_dim=6 * 32 + TEXT_CONFIG["projection_dim"], norm_num_groups=32,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=RESOLUTION, force_upcast=False,
+)
+SCORER_NAME = "world-clip"
+SCORER_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+}
+CAPTION_DROP = 0.2  # each attribute word, a single object's position and the light are left out this often
+UNCOND_RATE = 0.1  # captions replaced by "" so classifier-free guidance has an unconditional model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+def _render_chunk(seeds: range) -> tuple[np.ndarray, list[str], list[list], list[str]]:
+    images, captions, boxes, descriptions = [], [], [], []
+    for seed in seeds:
+        scene = world.render_scene(seed, caption_drop=CAPTION_DROP)
+        images.append(np.asarray(scene.image))
+        captions.append(scene.caption)
+        boxes.append([list(b) for b in scene.boxes])
+        descriptions.append([o.describe() for o in scene.spec.objects])
+    return np.stack(images), captions, boxes, descriptions
+
+
+def render_dataset(n: int, first_seed: int, workers: int) -> dict:
+    """``n`` scenes from seeds ``first_seed..``: uint8 images (N, 128, 128, 3), captions, boxes, object words."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = max(1, n // (workers * 4))
+    ranges = [range(s, min(s + chunk, first_seed + n)) for s in range(first_seed, first_seed + n, chunk)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_render_chunk, ranges))
+    return {"images": np.concatenate([p[0] for p in parts]), "captions": [c for p in parts for c in p[1]],
+            "boxes": [b for p in parts for b in p[2]], "descriptions": [d for p in parts for d in p[3]]}
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids (N, 77) for every distinct text, computed once (the loop never tokenizes)."""
+    unique = sorted(set(texts))
+    ids = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    index = {t: i for i, t in enumerate(unique)}
+    return ids[torch.tensor([index[t] for t in texts])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# components
+# ----------------------------------------------------------------------------------------------------------------
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0)
+
+
+def build_text_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    return (CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **TEXT_CONFIG)),
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **TEXT_CONFIG)))
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def encode_captions(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``StableDiffusionXLPipeline.encode_prompt`` computes: both encoders' penultimate hidden states side by
+    side, and the second encoder's projected pooled output."""
+    out1 = te1(ids1, output_hidden_states=True)
+    out2 = te2(ids2, output_hidden_states=True)
+    return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
+
+
+def _to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s.to(p.dtype))
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------------------------
+def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device, log) -> tuple:
+    vae = build_vae().to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    held_out = _to_unit(images[-256:].to(device))
+    train = images[:-256]
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 1e-3, 200)
+        x = _to_unit(train[torch.randint(0, len(train), (batch,), generator=g)].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(held_out).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((recon + 1) / 2, (held_out + 1) / 2, reduction="none").mean(dim=(1, 2, 3))
+        psnr = float((10 * torch.log10(1 / mse)).mean())
+    return vae, psnr
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    latents = [vae.encode(_to_unit(images[i:i + 512].to(device))).latent_dist.mode().float().cpu()
+               for i in range(0, len(images), 512)]
+    return torch.cat(latents)
+
+
+def train_unet(latents: torch.Tensor, ids1: torch.Tensor, ids2: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor],
+               steps: int, batch: int, device: torch.device, log, lr: float = 6e-4) -> tuple:
+    """Epsilon prediction with SDXL's scheduler; min-SNR-5 weighting; EMA; captions dropped for CFG."""
+    from diffusers import DDPMScheduler
+
+    te1, te2 = build_text_encoders()
+    unet = build_unet()
+    for m in (unet, te1, te2):
+        m.to(device).train()
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("interpolation_type",
+                                                                                      "use_karras_sigmas")})
+    alphas = sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "weight_decay": 1e-2},
+                             {"params": [*te1.parameters(), *te2.parameters()], "weight_decay": 0.0}], lr=lr,
+                            fused=device.type == "cuda")
+    ema = EMA([unet, te1, te2], decay=0.999)
+    latents, ids1, ids2 = latents.to(device), ids1.to(device), ids2.to(device)
+    empty1, empty2 = (e.to(device) for e in empty)
+    time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]], device=device).float()
+    g = torch.Generator(device=device).manual_seed(2)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, 500)
+        index = torch.randint(0, len(latents), (batch,), device=device, generator=g)
+        x0 = latents[index]
+        drop = torch.rand(batch, device=device, generator=g) < UNCOND_RATE
+        b1 = torch.where(drop[:, None], empty1, ids1[index])
+        b2 = torch.where(drop[:, None], empty2, ids2[index])
+        t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embeds, pooled = encode_captions(te1, te2, b1, b2)
+            pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled,
+                                                             "time_ids": time_ids.expand(batch, -1)}).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *te1.parameters(), *te2.parameters()], 1.0)
+        opt.step()
+        ema.update()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    ema.copy_to()
+    return unet.eval(), te1.eval(), te2.eval()
+
+
+def object_crops(images: np.ndarray, boxes: list[list], descriptions: list[list[str]], size: int,
+                 rng: np.random.Generator, limit: int) -> tuple[np.ndarray, list[str]]:
+    """Square crops around single objects (with a margin, as the QA loop crops a region) and their words."""
+    from PIL import Image
+
+    crops, texts = [], []
+    for i in rng.permutation(len(images))[:limit]:
+        j = rng.integers(len(boxes[i]))
+        x0, y0, x1, y1 = boxes[i][j]
+        side = int(max(x1 - x0, y1 - y0) * rng.uniform(1.1, 1.4))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left = int(np.clip(cx - side / 2, 0, world.SIZE - min(side, world.SIZE)))
+        top = int(np.clip(cy - side / 2, 0, world.SIZE - min(side, world.SIZE)))
+        crop = Image.fromarray(images[i]).crop((left, top, left + side, top + side)).resize((size, size),
+                                                                                            Image.BICUBIC)
+        crops.append(np.asarray(crop))
+        texts.append(world.with_article(descriptions[i][j]))
+    return np.stack(crops), texts
+
+
+def train_scorer(images: np.ndarray, captions: list[str], crops: np.ndarray, crop_texts: list[str], steps: int,
+                 batch: int, device: torch.device, log):
+    import open_clip
+
+    model = open_clip.create_model(SCORER_NAME, pretrained=None).to(device).train()
+    tokenizer = open_clip.get_tokenizer(SCORER_NAME)
+    size = SCORER_CONFIG["vision_cfg"]["image_size"]
+    scenes = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
+                           antialias=True).round().clamp(0, 255).to(torch.uint8)
+    pixels = torch.cat([scenes, torch.from_numpy(crops).permute(0, 3, 1, 2)]).to(device)
+    texts = tokenize_open_clip(tokenizer, captions + crop_texts).to(device)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    g = torch.Generator(device=device).manual_seed(3)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 1e-3, 300)
+        index = torch.randint(0, len(pixels), (batch,), device=device, generator=g)
+        x = (pixels[index].float() / 255 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_f, text_f, scale = model(x, texts[index])[:3]
+        logits = scale * image_f.float() @ text_f.float().T
+        same = (texts[index][:, None, :] == texts[index][None, :, :]).all(-1).float()  # duplicate captions agree
+        targets = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 1000 == 0 or step == steps - 1:
+            log(f"scorer step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    return model.eval()
+
+
+def tokenize_open_clip(tokenizer, texts: list[str]) -> torch.Tensor:
+    unique = sorted(set(texts))
+    ids = tokenizer(unique)
+    index = {t: i for i, t in enumerate(unique)}
+    return ids[torch.tensor([index[t] for t in texts])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving
+# ----------------------------------------------------------------------------------------------------------------
+def save_pipeline(folder: Path, vae, unet, te1, te2) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, unet=unet, text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(EOS_TOKEN),
+        tokenizer_2=clip_tokenizer("!"), scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        add_watermarker=False, force_zeros_for_empty_prompt=False)
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+
+
+def save_scorer(folder: Path, model) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{SCORER_NAME}.json", SCORER_CONFIG)
+    state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / f"{SCORER_NAME}.safetensors"))
+
+
+def register_scorer_config() -> None:
+    import open_clip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{SCORER_NAME}.json"
+        path.write_text(json.dumps(SCORER_CONFIG))
+        open_clip.add_model_config(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.world_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stages", default="data,vae,unet,scorer")
+    parser.add_argument("--scenes", type=int, default=40_000)
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=5500)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="skip VAE training: encode with this saved VAE folder (e.g. the shipped one)")
+    parser.add_argument("--unet-batch", type=int, default=1024)
+    parser.add_argument("--scorer-steps", type=int, default=2500)
+    parser.add_argument("--batch", type=int, default=64, help="VAE batch (the scorer uses 8x)")
+    parser.add_argument("--workers", type=int, default=max(1, (__import__("os").cpu_count() or 2) - 1))
+    args = parser.parse_args(argv)
+    stages = set(args.stages.split(","))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "training_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report.update(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    data_file = out / "data.pt"
+    if "data" in stages:
+        start = time.perf_counter()
+        data = render_dataset(args.scenes, first_seed=0, workers=args.workers)
+        tok1, tok2 = clip_tokenizer(EOS_TOKEN), clip_tokenizer("!")
+        data["ids1"], data["ids2"] = tokenize(tok1, data["captions"]), tokenize(tok2, data["captions"])
+        data["empty"] = (tokenize(tok1, [""])[0], tokenize(tok2, [""])[0])
+        data["images"] = torch.from_numpy(data["images"])
+        torch.save(data, data_file)
+        report["data"] = {"scenes": args.scenes, "seconds": round(time.perf_counter() - start, 1),
+                          "distinct_captions": len(set(data["captions"]))}
+        log(f"data: {args.scenes} scenes in {report['data']['seconds']} s")
+    data = torch.load(data_file, weights_only=False)
+    images = data["images"]
+    if "vae" in stages:
+        start = time.perf_counter()
+        vae, psnr = train_vae(images, args.vae_steps, args.batch, device, log)
+        latents = encode_latents(vae, images, device)
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        torch.save({"vae": vae.state_dict(), "scaling_factor": vae.config.scaling_factor,
+                    "latents": latents * vae.config.scaling_factor}, out / "vae.pt")
+        report["vae"] = {"steps": args.vae_steps, "psnr_held_out_db": round(psnr, 2),
+                         "scaling_factor": round(vae.config.scaling_factor, 5),
+                         "seconds": round(time.perf_counter() - start, 1)}
+        log(f"vae: PSNR {psnr:.2f} dB on held-out renders, scaling factor {vae.config.scaling_factor:.4f}")
+    if args.vae_from and not (out / "vae.pt").exists():  # a VAE trained earlier (the shipped one): encode with it
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).to(device).eval()
+        torch.save({"vae": {k: v.cpu() for k, v in vae.state_dict().items()},
+                    "scaling_factor": vae.config.scaling_factor,
+                    "latents": encode_latents(vae, images, device) * vae.config.scaling_factor}, out / "vae.pt")
+        report["vae"] = {**report.get("vae", {}), "from": str(args.vae_from)}
+    if "unet" in stages:
+        start = time.perf_counter()
+        saved = torch.load(out / "vae.pt", weights_only=False)
+        unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"], args.unet_steps,
+                                    args.unet_batch, device, log)
+        vae = build_vae()
+        vae.load_state_dict(saved["vae"])
+        vae.register_to_config(scaling_factor=saved["scaling_factor"])
+        save_pipeline(out / "pipeline", vae, unet, te1, te2)
+        report["unet"] = {"steps": args.unet_steps, "batch": args.unet_batch,
+                          "seconds": round(time.perf_counter() - start, 1),
+                          "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)}
+    if "scorer" in stages:
+        start = time.perf_counter()
+        register_scorer_config()
+        rng = np.random.default_rng(4)
+        crops, crop_texts = object_crops(images.numpy(), data["boxes"], data["descriptions"],
+                                         SCORER_CONFIG["vision_cfg"]["image_size"], rng, len(images))
+        model = train_scorer(images.numpy(), data["captions"], crops, crop_texts, args.scorer_steps,
+                             8 * args.batch, device, log)
+        save_scorer(out / "scorer", model)
+        report["scorer"] = {"steps": args.scorer_steps, "seconds": round(time.perf_counter() - start, 1)}
+    report["gpu_minutes"] = round(sum(v.get("seconds", 0) for v in report.values() if isinstance(v, dict)) / 60, 2)
+    write_json_atomic(report_path, report)
+    log(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
