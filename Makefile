@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m helpers run --profile tiny
+	$(PY) -m helpers run --profile world
 
 # Notebooks first: the browser test then opens the report that the nbval run of the series just wrote.
 test: install

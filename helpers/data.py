@@ -91,6 +91,20 @@ DEMO_VIEWS = {
 }
 
 
+def ensure_demo_photos(config: ProjectConfig) -> list[Path]:
+    """Write whatever demo photos the configured subjects' folders are missing: the scikit-image cat and mug under
+    ``data/``, the rendered world subjects under ``data/world/``. Folders of your own subjects are left alone."""
+    from . import world
+
+    folders = {config.data_path(s).resolve() for s in config.subjects}
+    written = []
+    if folders & {config.path(f"data/{name}").resolve() for name in DEMO_VIEWS}:
+        written += make_demo_subjects(config.path("data"))
+    if folders & {config.path(f"data/world/{name}").resolve() for name in world.PERSONAL_SUBJECTS}:
+        written += world.write_subject_photos(config.path("data/world"))
+    return written
+
+
 def make_demo_subjects(data_dir: Path, size: int = 256, overwrite: bool = False) -> list[Path]:
     """Write the demo cat and mug photos (crops/flips of scikit-image's chelsea.png and coffee.png)."""
     import skimage.data

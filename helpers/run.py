@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook series with papermill")
-    run.add_argument("--profile", choices=["auto", "tiny", "sdxl"], default=None,
-                     help="model profile (default: the notebooks' 'auto': sdxl with CUDA, else tiny)")
+    run.add_argument("--profile", choices=["auto", "world", "tiny", "sdxl"], default=None,
+                     help="model profile (default: the notebooks' 'auto': sdxl with CUDA, else world)")
     run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                      help="a notebook parameter, e.g. -p steps 8 (repeatable)")
     run.add_argument("--output-dir", default=None, help="output folder (default: output/)")

@@ -189,12 +189,21 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Ten
 
 
 def train_unet(latents: torch.Tensor, ids1: torch.Tensor, ids2: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor],
-               steps: int, batch: int, device: torch.device, log, lr: float = 6e-4) -> tuple:
-    """Epsilon prediction with SDXL's scheduler; min-SNR-5 weighting; EMA; captions dropped for CFG."""
+               steps: int, batch: int, device: torch.device, log, lr: float = 6e-4, start_from: Path | None = None) \
+        -> tuple:
+    """Epsilon prediction with SDXL's scheduler; min-SNR-5 weighting; EMA; captions dropped for CFG. With
+    ``start_from`` (a saved pipeline folder) the UNet and text encoders continue from its weights."""
     from diffusers import DDPMScheduler
 
     te1, te2 = build_text_encoders()
     unet = build_unet()
+    if start_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        unet = UNet2DConditionModel.from_pretrained(start_from / "unet", torch_dtype=torch.float32)
+        te1 = CLIPTextModel.from_pretrained(start_from / "text_encoder", torch_dtype=torch.float32)
+        te2 = CLIPTextModelWithProjection.from_pretrained(start_from / "text_encoder_2", torch_dtype=torch.float32)
     for m in (unet, te1, te2):
         m.to(device).train()
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("interpolation_type",
@@ -344,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=40_000)
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--unet-steps", type=int, default=5500)
+    parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument("--unet-from", type=Path, default=None,
+                        help="continue the UNet and text encoders from this saved pipeline folder")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="skip VAE training: encode with this saved VAE folder (e.g. the shipped one)")
     parser.add_argument("--unet-batch", type=int, default=1024)
@@ -402,12 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         saved = torch.load(out / "vae.pt", weights_only=False)
         unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"], args.unet_steps,
-                                    args.unet_batch, device, log)
+                                    args.unet_batch, device, log, args.unet_lr, args.unet_from)
         vae = build_vae()
         vae.load_state_dict(saved["vae"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         save_pipeline(out / "pipeline", vae, unet, te1, te2)
-        report["unet"] = {"steps": args.unet_steps, "batch": args.unet_batch,
+        report["unet" if args.unet_from is None else "unet_continued"] = {
+                          "steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
+                          "from": str(args.unet_from) if args.unet_from else "scratch",
                           "seconds": round(time.perf_counter() - start, 1),
                           "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)}
     if "scorer" in stages:
