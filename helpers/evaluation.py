@@ -60,6 +60,20 @@ def outside_mask_max_diff(image: Image.Image, coarse: Image.Image, masks_: MaskS
     return int(np.abs(a - b)[outside].max()) if outside.any() else 0
 
 
+def tint(pixels: np.ndarray) -> float:
+    """Warm (> 0) or cool (< 0) cast of some pixels: (mean red - mean blue) / mean brightness."""
+    mean = pixels.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    return float((mean[0] - mean[2]) / max(mean.sum() / 3, 1e-6))
+
+
+def light_gap(image: Image.Image, masks_: MaskSet, subject: str) -> float:
+    """How far the colour cast inside a subject's region is from the cast of the scene outside every region (a
+    proxy for "lit by the same light"; the subject's own colours count in it, so compare methods, not values)."""
+    pixels = np.asarray(image)
+    outside = ~np.logical_or.reduce(list(masks_.support.values()))
+    return abs(tint(pixels[masks_.support[subject]]) - tint(pixels[outside])) if outside.any() else float("nan")
+
+
 def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, config: ProjectConfig,
                   scene_prompt: str, dino=None) -> list[dict]:
     """Per subject: CLIP-I, CLIP-T of the crop vs its class prompt, the strongest rival's similarity, and the
@@ -71,9 +85,11 @@ def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, confi
     rows = []
     for i, subject in enumerate(config.subjects):
         rivals = [matrix[i, j] for j in range(len(names)) if j != i]
+        best_rival = float(max(rivals)) if rivals else float("nan")
         row = {"subject": subject.name, "clip_i": float(matrix[i, i]),
                "clip_t": scorer.prompt_score(crops[subject.name], subject.class_prompt),
-               "leak_max_other": float(max(rivals)) if rivals else float("nan"), "clip_t_scene": scene_score}
+               "leak_max_other": best_rival, "leaked": float(best_rival > matrix[i, i]) if rivals else float("nan"),
+               "light_gap": light_gap(image, masks_, subject.name), "clip_t_scene": scene_score}
         if dino is not None:
             row["dino"] = dino.identity(crops[subject.name], subject.name)
         rows.append(row)
@@ -117,9 +133,13 @@ def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, 
     return Experiments(rows, ablation, *first)
 
 
-def summarize(rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "seconds")) \
-        -> list[dict]:
-    """Mean and standard deviation per method (over subjects, seeds and prompts); DINO too when it was measured."""
+SUMMARY_METRICS = ("clip_i", "clip_t", "leak_max_other", "leaked", "light_gap", "seconds")
+
+
+def summarize(rows: list[dict], metrics: tuple[str, ...] = SUMMARY_METRICS) -> list[dict]:
+    """Per method (over subjects, seeds and prompts): mean, standard deviation and the half-width of a 95 % interval
+    of the mean (normal approximation, 1.96 s / sqrt(n)); DINO too when it was measured; the runs counted; and the
+    largest pixel change outside the masks (the invariant; nan for the baseline, which has no coarse scene)."""
     if any("dino" in r for r in rows):
         metrics = (*metrics, "dino")
     out = []
@@ -127,12 +147,37 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", 
         sel = [r for r in rows if r["method"] == method]
         if not sel:
             continue
-        entry = {"method": method, "n": len(sel)}
+        entry = {"method": method, "n": len(sel), "runs": len({(r.get("prompt"), r.get("seed")) for r in sel})}
         for m in metrics:
             values = np.array([r[m] for r in sel if m in r], dtype=float)
-            entry[f"{m}_mean"], entry[f"{m}_std"] = float(np.nanmean(values)), float(np.nanstd(values))
+            values = values[np.isfinite(values)]
+            mean = float(values.mean()) if len(values) else float("nan")
+            std = float(values.std()) if len(values) else float("nan")
+            entry[f"{m}_mean"], entry[f"{m}_std"] = mean, std
+            entry[f"{m}_ci95"] = 1.96 * std / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        outside = [r["outside_max_diff"] for r in sel if "outside_max_diff" in r]
+        entry["outside_max_diff"] = float(np.nanmax(outside)) if outside and np.isfinite(outside).any() \
+            else float("nan")
         out.append(entry)
     return out
+
+
+SUMMARY_COLUMNS = {"clip_i": "identity (CLIP-I)", "clip_t": "prompt (CLIP-T)", "leak_max_other": "best rival",
+                   "leaked": "leak rate", "light_gap": "light gap", "seconds": "seconds"}
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The summary as "mean ± 95 % half-width" per metric, one row per method (markdown)."""
+    rows = []
+    for entry in summary:
+        row = {"method": entry["method"], "runs": entry["runs"], "regions": entry["n"]}
+        for metric, title in SUMMARY_COLUMNS.items():
+            row[title] = f"{entry[f'{metric}_mean']:.3f} ± {entry[f'{metric}_ci95']:.3f}"
+        if "dino_mean" in entry:
+            row["DINO"] = f"{entry['dino_mean']:.3f} ± {entry['dino_ci95']:.3f}"
+        row["outside-mask max diff"] = "-" if np.isnan(entry["outside_max_diff"]) else int(entry["outside_max_diff"])
+        rows.append(row)
+    return markdown_table(rows)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -165,4 +210,5 @@ def experiment_prompts(config: ProjectConfig) -> list[str]:
 
 
 __all__ = ["Experiments", "cosine_matrix", "leakage_matrix", "leakage_matrix_from_embeddings", "outside_mask_max_diff",
-           "image_metrics", "run_experiments", "summarize", "write_csv", "markdown_table", "experiment_prompts"]
+           "image_metrics", "run_experiments", "summarize", "summary_table", "write_csv", "markdown_table",
+           "experiment_prompts", "light_gap", "tint"]

@@ -104,13 +104,13 @@ def qa_trace(log: list[dict], thresholds: dict[str, float]) -> plt.Figure:
     return fig
 
 
-def score_bars(summary_rows: list[dict], metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other")) \
-        -> plt.Figure:
-    """Mean +- std per method for each metric (error bars over subjects, seeds and prompts)."""
+def score_bars(summary_rows: list[dict],
+               metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "leaked", "light_gap")) -> plt.Figure:
+    """Mean per method for each metric, with the 95 % interval of the mean as error bars."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         methods = [r["method"] for r in summary_rows]
-        ax.bar(methods, [r[f"{metric}_mean"] for r in summary_rows], yerr=[r[f"{metric}_std"] for r in summary_rows],
+        ax.bar(methods, [r[f"{metric}_mean"] for r in summary_rows], yerr=[r[f"{metric}_ci95"] for r in summary_rows],
                color=COLORS[:len(methods)], capsize=4)
         ax.set_title(metric)
         ax.tick_params(axis="x", labelrotation=20)
@@ -130,7 +130,7 @@ def report_figures(experiments: Experiments, summary: list[dict], layout: Layout
         "Baseline | ours | ours+QA": (image_grid([baseline, first.final, qa_first.final],
                                                  ["baseline", "ours", "ours+QA"]), "side_by_side.png"),
         "Layout masks": (mask_overlay(first.coarse, first.masks, layout), "masks.png"),
-        "Scores (mean ± std over seeds, prompts, subjects)": (score_bars(summary), "score_bars.png"),
+        "Scores (mean and 95 % interval over seeds, prompts, subjects)": (score_bars(summary), "score_bars.png"),
         "QA trace": (qa_trace(qa_first.log, qa_first.thresholds), "qa_trace.png"),
     }
     for method, image in {"baseline": baseline, "ours+QA": qa_first.final}.items():

@@ -46,6 +46,8 @@ def test_field_lists_are_derived_from_the_declarations():
                                   "prior_loss_weight", "num_class_images"}
     assert PROFILE_DEFAULTS["tiny"]["resolution"] == 64 and PROFILE_DEFAULTS["sdxl"]["resolution"] == 1024
     assert PROFILE_DEFAULTS["sdxl-random"] == PROFILE_DEFAULTS["sdxl"]
+    assert PROFILE_DEFAULTS["world"]["resolution"] == 128 and PROFILE_DEFAULTS["world"]["negative_prompt"] == ""
+    assert [s.data_dir for s in PROFILE_DEFAULTS["world"]["subjects"]] == ["data/world/cat", "data/world/mug"]
     for profile, defaults in PROFILE_DEFAULTS.items():  # every profile default passes its own field's validation
         ProjectConfig(profile=profile, **defaults)
     assert ProjectConfig(seed=3).hashed_settings()["seed"] == 3
@@ -112,6 +114,6 @@ def test_auto_profile_and_env_override(monkeypatch):
     assert resolve_profile("tiny") == "tiny"  # an explicit profile wins over the environment
     monkeypatch.setenv("HELPERS_PROFILE", "")
     import torch
-    assert resolve_profile("auto") == ("sdxl" if torch.cuda.is_available() else "tiny")
+    assert resolve_profile("auto") == ("sdxl" if torch.cuda.is_available() else "world")  # the shipped offline world
     with pytest.raises(ValueError, match="unknown profile"):
         resolve_profile("medium")

@@ -51,7 +51,9 @@ def test_summary_and_tables(tmp_path):
     assert [s["method"] for s in summary] == ["baseline", "ours", "ours+qa"]
     assert abs(summary[0]["clip_i_mean"] - 0.3) < 1e-9 and abs(summary[0]["clip_i_std"] - 0.1) < 1e-9
     table = he.markdown_table(summary)
-    assert table.splitlines()[0].startswith("| method | n | clip_i_mean")
+    assert table.splitlines()[0].startswith("| method | n | runs | clip_i_mean")
+    assert summary[0]["clip_i_ci95"] == pytest.approx(1.96 * 0.1 / np.sqrt(2))
+    assert "| baseline | 1 | 2 | 0.300 ± 0.139 |" in he.summary_table(summary)
     path = he.write_csv(rows, tmp_path / "m.csv")
     assert path.read_text().splitlines()[0] == "method,clip_i,clip_t,leak_max_other,seconds"
 

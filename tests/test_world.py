@@ -1,0 +1,125 @@
+"""The rendered world and the quality gates of the models trained on it (fixed seeds, CPU; thresholds from what was
+measured, with a margin: see models/world/MODEL_CARD.md)."""
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import world
+from helpers import world_eval as we
+from helpers.adapters import generate, load_subject_loras
+from helpers.config import PROJECT_ROOT
+from helpers.models import load_models
+from helpers.notebook import make_config
+from helpers.scoring import ClipScorer
+from helpers.training import run_training
+
+
+@pytest.fixture(scope="module")
+def world_config(tmp_path_factory):
+    return make_config("world", output_dir=str(tmp_path_factory.mktemp("world") / "out"))
+
+
+@pytest.fixture(scope="module")
+def world_models(world_config):
+    return load_models(world_config)
+
+
+@pytest.fixture(scope="module")
+def world_scorer(world_config):
+    return ClipScorer.for_config(world_config)
+
+
+# -- the world itself ------------------------------------------------------------------------------------------
+def test_scenes_are_deterministic_and_captions_name_every_object_left_to_right():
+    a, b = world.render_scene(42), world.render_scene(42)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption
+    assert not np.array_equal(np.asarray(a.image), np.asarray(world.render_scene(43).image))
+    for seed in range(200):
+        scene = world.render_scene(seed)
+        assert scene.image.size == (128, 128)
+        positions = [scene.caption.find(o.describe()) for o in scene.spec.objects]
+        assert -1 not in positions and positions == sorted(positions), scene.caption
+        assert world.BACKGROUNDS[scene.spec.background] in scene.caption and f"{scene.spec.light} light" in scene.caption
+        xs = [box[0] for box in scene.boxes]
+        assert xs == sorted(xs)
+
+
+def test_the_world_has_what_the_method_needs():
+    assert len(world.BACKGROUNDS) >= 4 and len(world.CLASSES) >= 5 and len(world.COLORS) >= 8
+    assert {"cat", "mug"} <= set(world.CLASSES) and set(world.PATTERNS) == {"solid", "striped", "dotted"}
+    counts = {n: 0 for n in (1, 2, 3)}
+    for seed in range(300):
+        counts[len(world.sample_spec(random.Random(seed)).objects)] += 1
+    assert all(counts.values())
+
+
+def test_the_personal_subjects_look_never_occurs_in_the_base_data():
+    for seed in range(3000):
+        for obj in world.sample_spec(random.Random(seed)).objects:
+            assert (obj.cls, obj.color, obj.pattern) not in world.EXCLUDED_LOOKS and obj.mark is None
+
+
+def test_the_shipped_subject_photos_are_the_renderers():
+    for subject in world.PERSONAL_SUBJECTS.values():
+        specs = world.subject_photo_specs(subject)
+        assert 4 <= len(specs) <= 6 and len({s.background for s in specs}) >= 3
+        for i, spec in enumerate(specs):
+            shipped = np.asarray(Image.open(PROJECT_ROOT / "data" / "world" / subject.name / f"{subject.name}_{i}.png"))
+            assert np.array_equal(shipped, np.asarray(world.render(spec)))
+
+
+def test_every_caption_word_is_known_to_the_real_clip_tokenizer(world_models):
+    tokenizer = world_models.txt2img.tokenizer
+    assert len(tokenizer) == 49408
+    for word in world.vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert ids and tokenizer.decode(ids).strip() == word
+
+
+# -- the models ------------------------------------------------------------------------------------------------
+def test_world_loads_like_a_local_sdxl(world_config, world_models):
+    assert world_models.source.endswith("models/world/pipeline")
+    assert type(world_models.txt2img).__name__ == "StableDiffusionXLPipeline"
+    assert world_models.inpaint.unet is world_models.unet
+    assert world_models.unet.config.addition_embed_type == "text_time"
+    assert len(world_models.vae.config.block_out_channels) == 4  # 8x down: 16x16 latents at 128 px
+
+
+def test_gate_scorer_zero_shot_on_held_out_objects(world_scorer):
+    accuracy = we.scorer_accuracy(world_scorer, n=200)
+    print({k: str(v) for k, v in accuracy.items()})
+    assert accuracy["class"].rate >= 0.95 and accuracy["color"].rate >= 0.90
+
+
+def test_gate_generator_draws_the_prompted_class_and_colour(world_config, world_models, world_scorer):
+    accuracy = we.generator_accuracy(world_models, world_config, world_scorer, n=64)
+    print({k: str(v) for k, v in accuracy.items()})
+    assert accuracy["class"].rate >= 0.85 and accuracy["color"].rate >= 0.75
+
+
+def test_gate_vae_reconstructs_held_out_renders(world_models):
+    assert we.vae_psnr(world_models, n=32) >= 24.0
+
+
+def test_same_seed_same_world_image(world_config, world_models):
+    first = generate(world_models, world_config, "a red ball on grass", seed=3)
+    assert np.array_equal(np.asarray(first), np.asarray(generate(world_models, world_config, "a red ball on grass", 3)))
+    assert not np.array_equal(np.asarray(first), np.asarray(generate(world_models, world_config, "a red ball on grass",
+                                                                        4)))
+
+
+def test_gate_a_subject_lora_learns_the_subjects_look(world_config, world_models, world_scorer, capsys):
+    config = world_config.replace(subjects=world_config.subjects[:1])
+    report = run_training(config, models=world_models, progress=False)["cat"]
+    assert report.steps_done == config.train_steps
+    load_subject_loras(world_models, config)
+    base = [world_scorer.identity(generate(world_models, config, "a photo of a cat", s), "cat") for s in range(8)]
+    tuned = [world_scorer.identity(generate(world_models, config, "a photo of sks cat", s, adapter="cat"), "cat")
+             for s in range(8)]
+    with capsys.disabled():
+        print(f"\nLoRA gate: identity base {np.mean(base):.3f}, with the cat's LoRA {np.mean(tuned):.3f} "
+              f"(trained {report.steps_done} steps in {report.seconds:.1f} s)")
+    assert np.mean(tuned) - np.mean(base) >= 0.25
+    assert sum(t > b for t, b in zip(tuned, base)) >= 6
