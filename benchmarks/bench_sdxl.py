@@ -1,10 +1,10 @@
 """Speed and memory of the real-size model: the full SDXL architecture with random weights (profile sdxl-random).
 
-Run on a CUDA machine: ``python benchmarks/bench_sdxl.py [--out results.json] [--quick]``. Prints a table last.
-Measures (1024x1024, 30 steps, fp16): a plain text-to-image call, a plain inpainting call at strength 0.65, our
-coarse-to-fine with two subjects (Phase 0, each subject pass, total, peak memory), LoRA training seconds/step and peak
-memory with and without gradient checkpointing (rank 16, batch 1), and the QA loop's scoring and refinement times with
-a full-size open_clip ViT-H-14 image tower.
+Run on a CUDA machine: ``python benchmarks/bench_sdxl.py [--out results.json] [--skip training]``. Before timing
+anything it asserts that every component is fp16 and records the dtype of the UNet's inputs at every call; the
+baseline is a plain diffusers ``StableDiffusionXLPipeline`` (and ``...InpaintPipeline``) built from the same
+components without any project code, timed in the same run, and every project path is printed as a ratio to it.
+1024x1024, 30 steps, rank-16 random subject LoRAs (deltas scaled like trained ones). Prints a table last.
 """
 from __future__ import annotations
 
@@ -22,26 +22,22 @@ from helpers.config import ProjectConfig  # noqa: E402
 from helpers.layout import default_layout  # noqa: E402
 from helpers.models import load_models  # noqa: E402
 from helpers import pipeline as hp  # noqa: E402
-from helpers.adapters import only_adapter  # noqa: E402
+
+PROMPT = "a cat and a mug on a wooden table, soft window light"
 
 
 def timed(fn, repeat: int = 1):
-    """Median seconds over ``repeat`` calls (after CUDA sync) and the last result."""
+    """Median seconds over ``repeat`` calls (after CUDA sync), the last result and the peak memory (GiB)."""
     times, result = [], None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(repeat):
         torch.cuda.synchronize()
         start = time.perf_counter()
         result = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], result
-
-
-def peak_gib(fn):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    seconds, result = timed(fn)
-    return seconds, torch.cuda.max_memory_allocated() / 2**30, result
+    return sorted(times)[len(times) // 2], result, torch.cuda.max_memory_allocated() / 2**30
 
 
 def add_random_adapters(models, names, rank=16):
@@ -56,66 +52,74 @@ def add_random_adapters(models, names, rank=16):
                     p.data = p.data.to(models.dtype) * (0.01 if "lora_B" in pname else 1.0)
 
 
-def cast_unet_inputs(models):
-    """Seen on the GPU machine (torch 2.11): the pipeline handed the fp16 UNet float32 latents once adapters were
-    attached. Cast floating inputs to the UNet's dtype so the benchmark measures the fp16 path."""
+def component_dtypes(models) -> dict:
+    return {name: sorted({str(p.dtype) for p in getattr(models.txt2img, name).parameters()})
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+def assert_fp16(models) -> None:
+    """Every parameter of every component in fp16 (a silently fp32 twin made earlier figures wrong)."""
+    for name, dtypes in component_dtypes(models).items():
+        assert dtypes == ["torch.float16"], f"{name} has parameters in {dtypes}"
+
+
+def record_unet_input_dtypes(models, seen: set) -> None:
     def hook(module, args, kwargs):
-        args = tuple(a.to(module.dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dtype != module.dtype
-                     and a.dim() > 1 else a for a in args)
-        return args, kwargs
+        sample = args[0] if args else kwargs["sample"]
+        hidden = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        seen.add((str(sample.dtype), str(hidden.dtype)))
 
     models.unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def bench_generation(models, config, results):
+def plain_pipelines(models):
+    """diffusers' own pipelines over the same components: the baseline, no project code in the call path."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    parts = {k: getattr(models.txt2img, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                                      "tokenizer_2", "unet", "scheduler")}
+    t2i = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    inpaint = StableDiffusionXLInpaintPipeline(**parts, add_watermarker=False)
+    for pipe in (t2i, inpaint):
+        pipe.set_progress_bar_config(disable=True)
+    return t2i, inpaint
+
+
+def bench_generation(models, config, rows: dict) -> None:
     from PIL import Image
 
-    steps, size = config.steps, config.resolution
-    plain = lambda: models.txt2img(prompt="a cat and a mug on a table", height=size, width=size,  # noqa: E731
-                                   num_inference_steps=steps, generator=models.generator(0), output_type="latent")
-    timed(lambda: models.txt2img(prompt="warm up", height=size, width=size, num_inference_steps=2,
-                                 output_type="latent"))
-    with only_adapter(models, None):
-        results["plain_txt2img_s"], _ = timed(plain, repeat=3)
-        image = Image.new("RGB", (size, size), (128, 128, 128))
-        mask = Image.new("L", (size, size), 0)
-        mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-        inpaint = lambda: models.inpaint(prompt="a mug", image=image, mask_image=mask, strength=0.65,  # noqa: E731
-                                         height=size, width=size, num_inference_steps=steps,
-                                         generator=models.generator(0), output_type="latent")
-        results["plain_inpaint_0.65_s"], _ = timed(inpaint, repeat=3)
-    layout = default_layout(config.subject_names, size, size)
-    hp.coarse_to_fine(models, config, layout)  # warm-up of the adapter paths
-    seconds, peak, result = peak_gib(lambda: hp.coarse_to_fine(models, config, layout))
-    results["ours_total_s"] = seconds
-    results["ours_phase0_s"] = result.seconds["phase0"]
-    for p in result.passes:
-        results[f"ours_pass_{p.subject}_s"] = p.seconds
-        results[f"ours_pass_{p.subject}_adapters"] = p.active_adapters
-    results["ours_peak_gib"] = peak
-    results["vae_float32_fallbacks"] = models.decode_stats.float32_fallbacks
-    return result
+    size, steps = config.resolution, config.steps
+    t2i, inpaint = plain_pipelines(models)
+    models.txt2img.disable_lora()
+    t2i(PROMPT, height=size, width=size, num_inference_steps=2, output_type="latent")  # warm-up
+    rows["plain t2i"] = timed(lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=steps,
+                                          generator=torch.Generator().manual_seed(0), output_type="pil"), 3)[::2]
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    rows["plain inpaint (strength 0.85)"] = timed(lambda: inpaint(
+        "a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=size, width=size,
+        num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pil"), 3)[::2]
+    models.txt2img.enable_lora()
+    layout = default_layout(config.subject_names[:2], size, size)
+    two = config.replace(subjects=config.subjects[:2])
+    result = hp.coarse_to_fine(models, two, layout)  # warm-up of every path
+    masks = result.masks
+    subject = two.subjects[0]
+    for fused in (True, False):
+        cfg = two.replace(fuse_subject_lora=fused)
+        rows[f"one subject pass ({'fused' if fused else 'unfused'})"] = timed(
+            lambda: hp.region_pass(models, cfg, result.coarse, masks, subject, 7, cfg.inpaint_strength), 3)[::2]
+    rows["coarse-to-fine, 2 subjects"] = timed(lambda: hp.coarse_to_fine(models, two, layout), 2)[::2]
+    four = config.replace(subjects=config.subjects[:4])
+    layout4 = default_layout(four.subject_names, size, size)
+    rows["coarse-to-fine, 4 subjects"] = timed(lambda: hp.coarse_to_fine(models, four, layout4), 2)[::2]
+    rows["one QA refinement"] = timed(lambda: hp.region_pass(models, two, result.final, masks, subject, 123,
+                                                             two.refine_strength,
+                                                             emphasis_weight=two.prompt_boost), 2)[::2]
 
 
-def bench_qa(models, config, result, results):
-    from PIL import Image
-
-    from helpers.qa import score_subject
-    from helpers.scoring import ClipScorer
-
-    refs = {name: [Image.new("RGB", (256, 256), (40 * i, 90, 160)) for i in range(4)] for name in config.subject_names}
-    scorer = ClipScorer.for_config(config, device=models.device, references=refs)
-    subject = config.subjects[0]
-    score_subject(scorer, result.final, result, subject, 0.5, config.region_margin)  # warm-up + reference cache
-    results["qa_score_one_region_s"], _ = timed(
-        lambda: score_subject(scorer, result.final, result, subject, 0.5, config.region_margin), repeat=5)
-    results["qa_refine_one_subject_s"], _ = timed(
-        lambda: hp.region_pass(models, config, result.final, result.masks, subject, 123, config.refine_strength,
-                               emphasis_weight=config.prompt_boost), repeat=2)
-    torch.cuda.empty_cache()
-
-
-def bench_training(models, config, results, steps: int):
+def bench_training(models, config, rows: dict, steps: int) -> str:
     from helpers.training import LoraTrainer, TrainingData, offload_encoders, restore_encoders
 
     res = config.train_resolution
@@ -128,61 +132,74 @@ def bench_training(models, config, results, steps: int):
             models.device, models.dtype),
         time_ids=torch.tensor([[res, res, 0, 0, res, res]], dtype=models.dtype, device=models.device))
     offload_encoders(models)
-    for checkpointing in (True, False):
-        cfg = config.replace(gradient_checkpointing=checkpointing)
-        trainer = LoraTrainer(models, cfg, f"bench_{int(checkpointing)}", data)
+    auto_reason = ""
+    for setting in ("on", "off", "auto"):
+        trainer = LoraTrainer(models, config.replace(gradient_checkpointing=setting), f"bench_{setting}", data)
         try:
+            if setting == "auto":
+                auto_reason = trainer.checkpointing_reason
+                continue
             for _ in range(2):
                 trainer.step()  # warm-up
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            per_step, _ = timed(trainer.step, repeat=steps)
-            key = "with" if checkpointing else "without"
-            results[f"train_s_per_step_{key}_checkpointing"] = per_step
-            results[f"train_peak_gib_{key}_checkpointing"] = torch.cuda.max_memory_allocated() / 2**30
-            results["train_optimizer"] = type(trainer.optimizer).__name__
+            rows[f"LoRA training step, checkpointing {setting}"] = timed(trainer.step, steps)[::2]
         finally:
             trainer.close()
     restore_encoders(models)
+    return auto_reason
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
-    parser.add_argument("--skip", default="", help="comma list of: generation,qa,training")
+    parser.add_argument("--skip", default="", help="comma list of: generation,training")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
     skip = set(filter(None, args.skip.split(",")))
+    from helpers.config import Subject
+
+    subjects = [Subject(n, t, c, f"data/{n}", f"loras/{n}") for n, t, c in
+                (("cat", "sks", "cat"), ("mug", "zwx", "mug"), ("toy", "qwe", "toy"), ("dog", "vbn", "dog"))]
     config = ProjectConfig(profile="sdxl-random", resolution=1024, steps=30, train_resolution=1024, lora_rank=16,
-                           train_batch_size=1, learning_rate=1e-5)
-    results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    t0 = time.perf_counter()
+                           train_batch_size=1, learning_rate=1e-5, subjects=subjects)
+    gpu = torch.cuda.get_device_name(0)
+    start = time.perf_counter()
     models = load_models(config)
-    results["build_s"] = time.perf_counter() - t0
-    results["unet_params_m"] = sum(p.numel() for p in models.unet.parameters()) / 1e6
+    info = {"gpu": gpu, "torch": torch.__version__, "build_s": round(time.perf_counter() - start, 1),
+            "unet_params_m": round(sum(p.numel() for p in models.unet.parameters()) / 1e6, 1),
+            "component_dtypes_as_built": component_dtypes(models)}
+    if info["component_dtypes_as_built"] != {k: ["torch.float16"] for k in info["component_dtypes_as_built"]}:
+        print(f"the twin was not fp16 as built: {info['component_dtypes_as_built']}; cast before timing")
+        models.txt2img.to(torch.float16)
+    assert_fp16(models)
     add_random_adapters(models, config.subject_names, rank=config.lora_rank)
-    cast_unet_inputs(models)
-
-    def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-
-    result = None
+    assert_fp16(models)
+    seen_inputs: set = set()
+    record_unet_input_dtypes(models, seen_inputs)
+    rows: dict = {}
     if "generation" not in skip:
-        result = bench_generation(models, config, results)
-        save()
-    if "qa" not in skip and result is not None:
-        bench_qa(models, config, result, results)
-        save()
+        bench_generation(models, config, rows)
+        assert seen_inputs == {("torch.float16", "torch.float16")}, f"UNet inputs seen: {seen_inputs}"
     if "training" not in skip:
-        bench_training(models, config, results, args.train_steps)
-        save()
-    print(f"\n{'metric':<44} value")
-    for key, value in results.items():
-        print(f"{key:<44} {value:.3f}" if isinstance(value, float) else f"{key:<44} {value}")
+        info["checkpointing_auto_choice"] = bench_training(models, config, rows, args.train_steps)
+    info["unet_input_dtypes"] = sorted(seen_inputs)
+    base = rows.get("plain t2i", (float("nan"),))[0]
+    inpaint = rows.get("plain inpaint (strength 0.85)", (float("nan"),))[0]
+    table = []
+    for name, (seconds, peak) in rows.items():
+        reference = inpaint if name.startswith(("one subject pass", "one QA")) else base
+        table.append({"row": name, "seconds": round(seconds, 3), "peak_gib": round(peak, 2),
+                      "ratio": round(seconds / reference, 2),
+                      "ratio_to": "plain inpaint" if reference is inpaint else "plain t2i"})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**info, "rows": table}, indent=2))
+    print(json.dumps(info, indent=1))
+    print(f"\n{gpu}, full-size SDXL twin, fp16, 1024², 30 steps")
+    print(f"{'row':<42} {'seconds':>8} {'ratio':>7}  {'to':<14} {'peak GiB':>8}")
+    for r in table:
+        print(f"{r['row']:<42} {r['seconds']:>8.3f} {r['ratio']:>6.2f}x  {r['ratio_to']:<14} {r['peak_gib']:>8.2f}")
     return 0
 
 

@@ -98,6 +98,7 @@ class ProjectConfig:
     inpaint_strength: float = setting(0.85, "generation", above=0.0, high=1.0)
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
+    fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass
     # training
     train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=300)
     train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024,
@@ -111,7 +112,8 @@ class ProjectConfig:
     prior_loss_weight: float = setting(1.0, "training", hashed=True, low=0.0)
     num_class_images: int = setting(4, "training", hashed=True, low=0, tiny=4, sdxl=50, world=8)
     checkpoint_every: int = setting(8, "training", low=1, tiny=8, sdxl=100, world=50)
-    gradient_checkpointing: bool = setting(True, "training")
+    # "auto": off where the faster setting fits in the free GPU memory with a margin (training.checkpointing_choice)
+    gradient_checkpointing: str = setting("auto", "training", choices=("auto", "on", "off"))
     # QA
     qa_pass_threshold: float = setting(QA_PASS_THRESHOLD, "qa", low=-1.0, high=1.0)
     qa_threshold_mode: str = setting("calibrated", "qa", choices=("calibrated", "fixed"))

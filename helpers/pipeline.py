@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, generate, only_adapter
+from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, fused_adapter, generate, only_adapter
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
 from .layout import Layout, MaskSet, masks
@@ -145,7 +145,11 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     crop = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_crop = Image.fromarray(masks_.support[subject.name].astype(np.uint8) * 255).crop(box)
     mask_crop = mask_crop.resize((size, size), Image.NEAREST)
-    with only_adapter(models, subject.name if adapter_names(models) else None), torch.no_grad():
+    if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
+        switch = only_adapter(models, None)
+    else:  # raises MissingLoraError when this subject's adapter is not loaded
+        switch = (fused_adapter if config.fuse_subject_lora else only_adapter)(models, subject.name)
+    with switch, torch.no_grad():
         adapters_during_pass = active_adapters(models)
         if emphasis_weight != 1.0:
             text = weighted_prompt_embeds(models, prompt, config.negative_prompt,

@@ -196,6 +196,28 @@ def attach_training_adapter(unet, config: ProjectConfig, adapter_name: str) -> l
     return params
 
 
+SDXL_UNET_PARAMS = 2.5675e9
+ACTIVATIONS_GIB_SDXL_1024 = 7.8  # measured: 12.6 GiB peak without checkpointing = 4.8 GiB fp16 UNet + this (H200)
+MEMORY_MARGIN_GIB = 1.5
+
+
+def checkpointing_choice(setting: str, device_type: str, unet_params: float, resolution: int, batch: int,
+                         free_gib: float | None) -> tuple[bool, str]:
+    """Whether to use gradient checkpointing, and why. Checkpointing halves training memory but costs ~2x per step
+    (0.875 vs 0.450 s/step on an H200 for SDXL at 1024^2), so "auto" turns it on only where the faster setting would
+    not fit: UNet weights (fp16) + activations (scaled from SDXL's measured 7.8 GiB per 1024^2 sample by UNet size,
+    pixels and batch) + a margin, against the free GPU memory."""
+    if setting != "auto":
+        return setting == "on", f"gradient checkpointing {setting} (set in the config)"
+    if device_type != "cuda" or free_gib is None:
+        return False, "gradient checkpointing off (CPU: memory is not what limits)"
+    scale = unet_params / SDXL_UNET_PARAMS
+    need = unet_params * 2 / 2**30 + ACTIVATIONS_GIB_SDXL_1024 * scale * batch * (resolution / 1024) ** 2
+    if need + MEMORY_MARGIN_GIB <= free_gib:
+        return False, f"gradient checkpointing off: ~{need:.1f} GiB needed, {free_gib:.1f} GiB free (faster)"
+    return True, f"gradient checkpointing on: ~{need:.1f} GiB needed without it, only {free_gib:.1f} GiB free"
+
+
 class LoraTrainer:
     """A LoRA adapter on the bundle's UNet, its optimizer and its RNG: step, checkpoint, resume, export."""
 
@@ -207,7 +229,11 @@ class LoraTrainer:
         self.noise_scheduler = DDPMScheduler.from_config(models.txt2img.scheduler.config)
         self.cuda = models.device.type == "cuda"
         self.params = attach_training_adapter(self.unet, config, adapter_name)
-        if self.cuda and config.gradient_checkpointing:
+        free_gib = torch.cuda.mem_get_info(models.device)[0] / 2**30 if self.cuda else None
+        self.checkpointing, self.checkpointing_reason = checkpointing_choice(
+            config.gradient_checkpointing, models.device.type, sum(p.numel() for p in self.unet.parameters()),
+            config.train_resolution, config.train_batch_size, free_gib)
+        if self.checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
         self.optimizer = self._make_optimizer()
@@ -278,7 +304,7 @@ class LoraTrainer:
 
     def close(self) -> None:
         """Take the training adapter off the shared UNet and restore inference settings."""
-        if self.cuda and self.config.gradient_checkpointing:
+        if self.checkpointing:
             self.unet.disable_gradient_checkpointing()
         self.unet.eval()
         self.unet.delete_adapters(self.adapter_name)
@@ -393,6 +419,8 @@ def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, 
     data = prepare_training_data(models, config, subject)
     offload_encoders(models)
     trainer = LoraTrainer(models, config, f"{subject.name}__training", data)
+    if progress:
+        print(f"{subject.name}: {trainer.checkpointing_reason}")
     try:
         checkpoint = folder / CHECKPOINT_FILE
         resumed = checkpoint.exists() and not force and load_checkpoint(trainer, checkpoint, config_hash)

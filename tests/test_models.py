@@ -32,6 +32,15 @@ def test_tiny_bundle_shares_components(tiny_models):
     assert tiny_models.vae.config.block_out_channels and len(tiny_models.vae.config.block_out_channels) == 4
 
 
+def test_the_requested_dtype_holds_for_every_component_of_both_pipelines(tiny_config):
+    """``from_pipe`` casts shared components to float32 unless told otherwise; an fp16 SDXL must stay fp16."""
+    models = hm.load_models(tiny_config, dtype=torch.bfloat16)
+    for pipe in (models.txt2img, models.inpaint):
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}, name
+    assert models.dtype == torch.bfloat16
+
+
 def test_tiny_is_loaded_back_with_from_pretrained(tiny_config, tiny_models):
     folder = tiny_config.cache_path / hpr.TINY_VERSION
     assert (folder / "model_index.json").exists()

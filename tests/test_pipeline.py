@@ -103,3 +103,27 @@ def test_weighted_prompt_scales_only_the_emphasised_tokens(tiny_models):
     ratio = (boosted / plain)[0, :, 0].tolist()
     assert ratio[4] / ratio[3] == pytest.approx(1.5, rel=1e-3)  # "sks" is token 4 (after <bos> a photo of)
     assert ratio[2] == pytest.approx(ratio[3], rel=1e-5)
+
+
+def test_a_fused_pass_merges_only_its_subjects_delta_and_restores_the_weights_exactly(tiny_models, trained):
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in tiny_models.unet.modules() if isinstance(m, LoraLayer)]
+    before = [layer.get_base_layer().weight.detach().clone() for layer in lora_layers]
+    with ha.fused_adapter(tiny_models, "cat"):
+        assert ha.active_adapters(tiny_models) == ["cat"]
+        for layer, weight in zip(lora_layers, before):
+            merged = layer.get_base_layer().weight
+            assert torch.allclose(merged, weight + layer.get_delta_weight("cat"), atol=1e-6)
+            assert not torch.allclose(merged, weight + layer.get_delta_weight("mug"), atol=1e-6)
+    assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(lora_layers, before))
+    assert not any(layer.merged for layer in lora_layers)
+
+
+def test_fused_and_unfused_passes_paint_the_same_picture(tiny_models, tiny_config, trained, result):
+    subject = tiny_config.subject("cat")
+    images = [hp.region_pass(tiny_models, tiny_config.replace(fuse_subject_lora=fused), result.coarse, result.masks,
+                             subject, 5, 0.85)[0] for fused in (True, False)]
+    difference = np.abs(np.asarray(images[0], np.int16) - np.asarray(images[1], np.int16))
+    assert difference.max() <= 2  # rounding only: W x + B A x vs (W + B A) x

@@ -139,3 +139,15 @@ def test_prior_preservation_caches_class_images(tmp_path, tiny_models):
     assert run_training(config, models=tiny_models, progress=False)["cat"].steps_done == 2
     cached = list((config.cache_path / "class_images").rglob("*.png"))
     assert len(cached) == 2
+
+
+def test_gradient_checkpointing_is_chosen_from_free_memory():
+    sdxl = dict(device_type="cuda", unet_params=2.5675e9, resolution=1024, batch=1)
+    on, why = ht.checkpointing_choice("auto", free_gib=22.0, **sdxl)  # an L4 (24 GB): the faster setting fits
+    assert on is False and "off" in why
+    on, why = ht.checkpointing_choice("auto", free_gib=12.0, **sdxl)  # a 16 GB card after the model: it does not
+    assert on is True and "only 12.0 GiB free" in why
+    assert ht.checkpointing_choice("auto", free_gib=12.0, **{**sdxl, "resolution": 512})[0] is False
+    assert ht.checkpointing_choice("on", free_gib=80.0, **sdxl)[0] is True
+    assert ht.checkpointing_choice("off", free_gib=1.0, **sdxl)[0] is False
+    assert ht.checkpointing_choice("auto", **{**sdxl, "device_type": "cpu"}, free_gib=None)[0] is False
