@@ -156,8 +156,9 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device
     vae = build_vae().to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(1)
-    held_out = _to_unit(images[-256:].to(device))
-    train = images[:-256]
+    n_held_out = min(256, len(images) // 8)
+    held_out = _to_unit(images[-n_held_out:].to(device))
+    train = images[:-n_held_out]
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
@@ -189,15 +190,17 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Ten
 
 
 def train_unet(latents: torch.Tensor, ids1: torch.Tensor, ids2: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor],
-               steps: int, batch: int, device: torch.device, log, lr: float = 6e-4, start_from: Path | None = None) \
-        -> tuple:
+               steps: int, batch: int, device: torch.device, log, lr: float = 6e-4, start_from: Path | None = None,
+               modules: tuple | None = None) -> tuple:
     """Epsilon prediction with SDXL's scheduler; min-SNR-5 weighting; EMA; captions dropped for CFG. With
-    ``start_from`` (a saved pipeline folder) the UNet and text encoders continue from its weights."""
+    ``start_from`` (a saved pipeline folder) or ``modules`` (unet, te1, te2) the training continues from them."""
     from diffusers import DDPMScheduler
 
     te1, te2 = build_text_encoders()
     unet = build_unet()
-    if start_from is not None:
+    if modules is not None:
+        unet, te1, te2 = modules
+    elif start_from is not None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -354,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--unet-steps", type=int, default=5500)
     parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument("--unet-continue-steps", type=int, default=6500,
+                        help="then a second cosine cycle of this many steps (0: none)")
+    parser.add_argument("--unet-continue-lr", type=float, default=3e-4)
     parser.add_argument("--unet-from", type=Path, default=None,
                         help="continue the UNet and text encoders from this saved pipeline folder")
     parser.add_argument("--vae-from", type=Path, default=None,
@@ -415,12 +421,17 @@ def main(argv: list[str] | None = None) -> int:
         saved = torch.load(out / "vae.pt", weights_only=False)
         unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"], args.unet_steps,
                                     args.unet_batch, device, log, args.unet_lr, args.unet_from)
+        if args.unet_continue_steps:  # a second cosine cycle at a lower peak: what the shipped weights had
+            unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"],
+                                        args.unet_continue_steps, args.unet_batch, device, log, args.unet_continue_lr,
+                                        modules=(unet, te1, te2))
         vae = build_vae()
         vae.load_state_dict(saved["vae"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         save_pipeline(out / "pipeline", vae, unet, te1, te2)
         report["unet" if args.unet_from is None else "unet_continued"] = {
                           "steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
+                          "continued_steps": args.unet_continue_steps, "continued_lr": args.unet_continue_lr,
                           "from": str(args.unet_from) if args.unet_from else "scratch",
                           "seconds": round(time.perf_counter() - start, 1),
                           "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)}

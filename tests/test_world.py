@@ -123,3 +123,25 @@ def test_gate_a_subject_lora_learns_the_subjects_look(world_config, world_models
               f"(trained {report.steps_done} steps in {report.seconds:.1f} s)")
     assert np.mean(tuned) - np.mean(base) >= 0.25
     assert sum(t > b for t, b in zip(tuned, base)) >= 6
+
+
+def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_shipped_models(tmp_path):
+    """The trainer at toy size on the CPU: every stage, then the results load the way the world profile loads."""
+    import open_clip
+
+    from helpers import world_train
+    from helpers.profiles import load_pipeline_folder
+
+    out = tmp_path / "trained"
+    assert world_train.main(["--out", str(out), "--scenes", "96", "--vae-steps", "2", "--unet-steps", "2",
+                             "--unet-continue-steps", "1", "--scorer-steps", "2", "--batch", "8", "--unet-batch", "8",
+                             "--workers", "1"]) == 0
+    pipe = load_pipeline_folder(out / "pipeline", torch_dtype := __import__("torch").float32)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.vae.dtype == torch_dtype
+    assert pipe.config.force_zeros_for_empty_prompt is False  # an empty negative prompt is encoded, as in training
+    open_clip.add_model_config(out / "scorer" / "world-clip.json")
+    model, _, _ = open_clip.create_model_and_transforms("world-clip",
+                                                        pretrained=str(out / "scorer" / "world-clip.safetensors"))
+    assert sum(p.numel() for p in model.parameters()) > 1e6
+    report = __import__("json").loads((out / "training_report.json").read_text())
+    assert {"data", "vae", "unet", "scorer"} <= set(report) and report["unet"]["continued_steps"] == 1
