@@ -112,6 +112,8 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None,
         txt2img.to(device)
     from diffusers import StableDiffusionXLInpaintPipeline
 
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory / 2**30 < 20:
+        txt2img.vae.enable_tiling()  # decoding 1024^2 in tiles keeps a 16 GB card out of memory errors
     txt2img.set_progress_bar_config(disable=True)
     # from_pipe casts the (shared!) components to its torch_dtype, float32 unless told: without it an fp16 SDXL
     # silently became float32 here, twice the memory and ~3x slower (the cause of the float32 benchmark twin).
@@ -172,6 +174,28 @@ def image_is_finite(image: Image.Image | np.ndarray | torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------------------------
+# Measured on an H200 with the full-size twin (benchmarks/results/h200_sdxl_twin_fp16.json): peak GiB.
+SDXL_PEAK_GIB = {"generation": 10.1, "training, checkpointing off": 12.8, "training, checkpointing on": 6.1}
+
+
+def memory_plan(profile: str, gpu: str, vram_gib: float | None) -> list[str]:
+    """What the series will use on this GPU and what it does about it, before anything heavy starts."""
+    if profile != "sdxl":
+        return [f"profile {profile}: small models, any machine will do"]
+    if vram_gib is None:
+        return ["no GPU: sdxl runs in float32 on the CPU, minutes per image; use the world profile to learn offline"]
+    lines = [f"{gpu}, {vram_gib:.0f} GiB: generation peaks at ~{SDXL_PEAK_GIB['generation']} GiB (measured, H200)"]
+    if vram_gib < SDXL_PEAK_GIB["training, checkpointing on"] + 2:
+        lines.append("too little memory for SDXL here: pick a GPU runtime with >= 16 GB (L4, A100) or use profile "
+                     "'world'")
+    elif vram_gib < SDXL_PEAK_GIB["training, checkpointing off"] + 3:
+        lines.append("tight: VAE tiling on, LoRA training with gradient checkpointing (about 2x slower per step)")
+    else:
+        lines.append(f"fits: LoRA training without gradient checkpointing (~{SDXL_PEAK_GIB['training, checkpointing off']}"
+                     f" GiB, the faster setting)")
+    return lines
+
+
 def library_versions() -> dict[str, str]:
     import diffusers
     import peft

@@ -144,3 +144,11 @@ def test_sdxl_random_unet_has_the_full_size_parameter_count():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**hpr.SDXL_UNET_CONFIG)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 2567.5
+
+
+def test_memory_plan_says_what_fits_before_anything_heavy_starts():
+    assert "fits: LoRA training without gradient checkpointing" in hm.memory_plan("sdxl", "NVIDIA L4", 22.0)[1]
+    assert "tight" in hm.memory_plan("sdxl", "Tesla T4", 15.0)[1]
+    assert "too little memory" in hm.memory_plan("sdxl", "small", 8.0)[1]
+    assert "world" in hm.memory_plan("sdxl", "-", None)[0]
+    assert hm.memory_plan("world", "-", None) == ["profile world: small models, any machine will do"]
