@@ -142,6 +142,26 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     return outcome
 
 
+def loop_invariants(outcome: QAOutcome, config: ProjectConfig) -> dict[str, bool]:
+    """The loop's rules, checked on what it logged (true whatever the scores were)."""
+    by_subject: dict[str, list[dict]] = {}
+    for entry in outcome.log:
+        by_subject.setdefault(entry["subject"], []).append(entry)
+    facts = {"every subject scored once before any refinement":
+             all(entries[0]["attempt"] == 0 for entries in by_subject.values())
+             and sorted(by_subject) == sorted(outcome.summary)}
+    facts["only failing subjects were refined"] = all(
+        entries[0]["passed"] or len(entries) > 1 for entries in by_subject.values()) and all(
+        len(entries) == 1 for entries in by_subject.values() if entries[0]["passed"])
+    facts["never more than max_retries refinements"] = all(
+        len(entries) - 1 <= config.max_retries for entries in by_subject.values())
+    facts["the kept attempt is the best logged"] = all(
+        max(entries, key=lambda e: (e["passed"], e["identity"]))["attempt"] == outcome.summary[name]["kept_attempt"]
+        for name, entries in by_subject.items())
+    facts["every decision has a reason"] = all(entry["reason"] for entry in outcome.log)
+    return facts
+
+
 def _log_entry(subject: Subject, attempt: int, seed: int | None, score: SubjectScore, decision: str,
                seconds: float) -> dict:
     return {"subject": subject.name, "attempt": attempt, "seed": seed, "identity": round(score.identity, 6),

@@ -185,3 +185,18 @@ def test_dino_only_on_the_sdxl_profile(tiny_config, monkeypatch):
     sdxl = tiny_config.replace(profile="sdxl")
     with pytest.warns(UserWarning, match="DINO scores skipped.*facebook/dinov2-base"):
         assert hs.optional_dino_scorer(sdxl, scorer) is None
+
+
+def test_loop_invariants_hold_and_catch_a_broken_log(run_loop, tiny_config):
+    import copy
+
+    outcome, _ = run_loop({"cat": [0.1, 0.9], "mug": [0.9]})
+    config = tiny_config.replace(max_retries=2)
+    assert all(qa.loop_invariants(outcome, config).values())
+    refined_a_passing_one = copy.deepcopy(outcome)
+    refined_a_passing_one.log.append({**outcome.log[-1], "subject": "mug", "attempt": 1})
+    assert not qa.loop_invariants(refined_a_passing_one, config)["only failing subjects were refined"]
+    wrong_kept = copy.deepcopy(outcome)
+    wrong_kept.summary["cat"]["kept_attempt"] = 0
+    assert not qa.loop_invariants(wrong_kept, config)["the kept attempt is the best logged"]
+    assert not qa.loop_invariants(outcome, tiny_config.replace(max_retries=0))["never more than max_retries refinements"]
