@@ -45,6 +45,21 @@ class Subject:
         return f"a photo of a {self.class_name}"
 
 
+def subject_from(value: Subject | dict) -> Subject:
+    """A ``Subject`` from itself or from a dict (a notebook parameter): ``data_dir`` defaults to ``data/<name>`` and
+    ``lora_dir`` to ``loras/<name>``."""
+    if isinstance(value, Subject):
+        return value
+    if not isinstance(value, dict) or not {"name", "token", "class_name"} <= set(value):
+        raise ValueError(f"ProjectConfig.subjects: each subject needs name, token and class_name, got {value!r}")
+    unknown = set(value) - {"name", "token", "class_name", "data_dir", "lora_dir"}
+    if unknown:
+        raise ValueError(f"ProjectConfig.subjects: unknown key(s) {', '.join(sorted(unknown))} in {value!r}")
+    name = str(value["name"])
+    return Subject(name, str(value["token"]), str(value["class_name"]), str(value.get("data_dir", f"data/{name}")),
+                   str(value.get("lora_dir", f"loras/{name}")))
+
+
 SUBJECTS = [
     Subject("cat", "sks", "cat", "data/cat", "loras/cat"),
     Subject("mug", "zwx", "mug", "data/mug", "loras/mug"),
@@ -130,7 +145,7 @@ class ProjectConfig:
         world=["a cat left of a mug on grass, cool light", "a cat left of a mug under a night sky, neutral light"])
 
     def __post_init__(self) -> None:
-        self.subjects = [s if isinstance(s, Subject) else Subject(**s) for s in self.subjects]
+        self.subjects = [subject_from(s) for s in self.subjects]
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------------------------

@@ -65,6 +65,81 @@ def load_subject_photos(config: ProjectConfig, subject: Subject, min_size: int |
     return photos
 
 
+def add_photos(config: ProjectConfig, subject: Subject, files: list[tuple[str, bytes]]) -> list[Path]:
+    """Put uploaded photos (name, bytes) into the subject's folder, each checked as training will read it; a photo
+    that cannot be used raises ``SubjectDataError`` naming it and nothing of it is written. Files are named by their
+    content, so the same photo uploaded twice is stored once."""
+    import hashlib
+    import io
+    import tempfile
+
+    folder = config.data_path(subject)
+    checked = []
+    for name, content in files:
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            raise SubjectDataError(f"{name}: not a photo this project reads ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        with tempfile.TemporaryDirectory() as tmp:  # validate exactly as training will read it
+            probe = Path(tmp) / Path(name).name
+            probe.write_bytes(content)
+            try:
+                load_photo(probe, min(config.train_resolution, 256))
+            except SubjectDataError as e:
+                raise SubjectDataError(f"upload {name!r} for {subject.name!r}: {str(e).split(': ', 1)[1]}") from None
+        checked.append((f"{subject.name}_{hashlib.sha256(content).hexdigest()[:12]}{suffix}", content))
+    written = []
+    for filename, content in checked:
+        target = folder / filename
+        if not target.exists():
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(content)
+        written.append(target)
+    return written
+
+
+def add_photo_files(config: ProjectConfig, photos: dict[str, list[str]] | None) -> dict[str, int]:
+    """``{"toy": ["/content/toy1.jpg", ...]}`` (a notebook parameter) into each subject's folder via ``add_photos``;
+    returns how many photos each subject's folder then holds."""
+    for name, paths in (photos or {}).items():
+        add_photos(config, config.subject(name), [(Path(p).name, Path(p).read_bytes()) for p in paths])
+    return {s.name: len(subject_photo_paths(config.data_path(s), s.name)) if config.data_path(s).is_dir() else 0
+            for s in config.subjects}
+
+
+def upload_widget(config: ProjectConfig):
+    """One ``FileUpload`` per subject (ipywidgets 7.7 and 8); each upload goes through ``add_photos``."""
+    import ipywidgets as w
+
+    rows = []
+    for subject in config.subjects:
+        upload = w.FileUpload(accept="image/*", multiple=True, description=f"{subject.name} photos")
+        status = w.HTML()
+
+        def on_upload(change, subject=subject, status=status):
+            value = change["new"]
+            items = value.values() if isinstance(value, dict) else value  # 7.7: {name: {...}}, 8: ({...}, ...)
+            files = [(item.get("name") or item.get("metadata", {}).get("name", "photo.jpg"), bytes(item["content"]))
+                     for item in items]
+            try:
+                written = add_photos(config, subject, files)
+                status.value = f"&#10003; {len(written)} photo(s) in {config.data_path(subject)}"
+            except SubjectDataError as e:
+                status.value = f"<span style='color:#b00020'>{e}</span>"
+
+        upload.observe(on_upload, names="value")
+        rows.append(w.HBox([upload, status]))
+    return w.VBox(rows)
+
+
+def photo_summary(config: ProjectConfig, subject: Subject) -> str:
+    """One line: how many usable photos the subject has and the smallest side, or where to put them."""
+    folder = config.data_path(subject)
+    if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        return f"{subject.name}: no photos yet in {folder}; add 3-20 in notebook 01 (parameter `photos` or upload)"
+    photos = load_subject_photos(config, subject)
+    return f"{subject.name}: {len(photos)} photos, smallest side {min(min(p.size) for p in photos)} px"
+
+
 def augment(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
     """Random square crop (80-100 % of the short side) and horizontal flip, resized to ``size``."""
     short = min(image.size)

@@ -40,11 +40,30 @@ def _config_and_carried(profile: str, output_dir: str | None, overrides: dict[st
     return config, carried
 
 
+DRIVE_OUTPUT = "/content/drive/MyDrive/multisubject-sdxl/output"
+
+
+def drive_output_dir(output_dir: str | None) -> str | None:
+    """In Colab: mount Google Drive and keep ``output/`` (LoRAs, checkpoints, results) there, so a disconnect loses
+    at most the steps since the last checkpoint. Elsewhere: say so and change nothing."""
+    try:
+        from google.colab import drive  # type: ignore
+    except ImportError:
+        print("persist_to_drive: not running in Colab, so there is no Drive to mount; outputs stay in "
+              f"{output_dir or 'output/'}")
+        return output_dir
+    drive.mount("/content/drive")
+    return DRIVE_OUTPUT
+
+
 def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
     """A notebook's first step: the config from its parameters cell (``globals()``: every name that is a setting
-    and not None overrides it), saved for the next notebook; says which profile runs and what was carried over."""
+    and not None overrides it), saved for the next notebook; says which profile runs and what was carried over.
+    ``persist_to_drive=True`` keeps the output folder on Google Drive (Colab)."""
     overrides = {name: parameters[name] for name in FIELD_NAMES if parameters.get(name) is not None}
     profile, output_dir = overrides.pop("profile", "auto"), overrides.pop("output_dir", None)
+    if parameters.get("persist_to_drive"):
+        output_dir = drive_output_dir(output_dir)
     config, carried = _config_and_carried(profile, output_dir, overrides)
     save_config(config)
     note = {"tiny": " (random weights: pictures are meaningless, the plumbing is real)",

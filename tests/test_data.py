@@ -89,3 +89,27 @@ def test_demo_subjects_are_distinct_views(tmp_path):
         warnings.simplefilter("error")
         config = ProjectConfig(subjects=[Subject("cat", "sks", "cat", str(tmp_path / "cat"), "loras/cat")])
         assert len(load_subject_photos(config, config.subjects[0])) == len(cats)
+
+
+def test_uploaded_photos_are_checked_stored_once_and_a_bad_one_writes_nothing(tmp_path):
+    import io as bytes_io
+
+    from helpers.data import add_photos
+    config = ProjectConfig(subjects=[Subject("toy", "qwe", "toy", str(tmp_path / "toy"), "loras/toy")])
+    buffer = bytes_io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buffer, "PNG")
+    good = buffer.getvalue()
+    written = add_photos(config, config.subjects[0], [("a.png", good), ("copy.png", good)])
+    assert len(set(written)) == 1 and written[0].read_bytes() == good  # the same photo twice is stored once
+    with pytest.raises(SubjectDataError, match="broken.jpg"):
+        add_photos(config, config.subjects[0], [("fine.png", good), ("broken.jpg", b"not an image")])
+    with pytest.raises(SubjectDataError, match="notes.txt"):
+        add_photos(config, config.subjects[0], [("notes.txt", b"hello")])
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == [written[0].name]
+
+
+def test_persist_to_drive_outside_colab_says_so_and_changes_nothing(tmp_path, capsys):
+    from helpers.notebook import notebook_config
+    config = notebook_config("00", {"profile": "tiny", "output_dir": str(tmp_path), "persist_to_drive": True})
+    assert config.output_path == tmp_path
+    assert "not running in Colab" in capsys.readouterr().out

@@ -66,3 +66,31 @@ def test_checked_cells_have_stored_output():
         for cell in nb.cells:
             if cell.cell_type == "code" and CHECK_MARK in cell.source:
                 assert cell.outputs, f"{path.name}: a checked cell without stored output checks nothing"
+
+
+def test_notebook_only_journey_trains_and_composes_a_subject_the_repository_does_not_ship(tmp_path):
+    """Subjects and photos passed as notebook parameters (as a Colab user sets them in the parameters cell or
+    uploads them), nothing edited by hand: the third subject is trained and painted into its own region."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    rocket = Image.fromarray(skimage.data.rocket())
+    paths = []
+    for i, box in enumerate([(0, 0, 400, 400), (100, 27, 500, 427), (200, 0, 600, 400)]):
+        path = tmp_path / f"upload_{i}.png"
+        rocket.crop(box).resize((256, 256)).save(path)
+        paths.append(str(path))
+    subjects = [{"name": "cat", "token": "sks", "class_name": "cat"}, {"name": "mug", "token": "zwx", "class_name": "mug"},
+                {"name": "rocket", "token": "qwe", "class_name": "rocket", "data_dir": str(tmp_path / "rocket")}]
+    out = io.StringIO()
+    runs, code = run_series(NOTEBOOKS_DIR, str(tmp_path / "out"), "tiny",
+                            {"subjects": subjects, "photos": {"rocket": paths}}, only=["00", "01", "02", "03"],
+                            progress=False, stream=out)
+    assert code == 0, out.getvalue()
+    assert len(list((tmp_path / "rocket").glob("rocket_*.png"))) == 3
+    assert (tmp_path / "out" / "loras" / "rocket" / "pytorch_lora_weights.safetensors").exists()
+    result = json.loads((tmp_path / "out" / "coarse_to_fine" / "result.json").read_text())
+    assert [p["subject"] for p in result["passes"]] == ["cat", "mug", "rocket"]
+    assert [p["active_adapters"] for p in result["passes"]] == [["cat"], ["mug"], ["rocket"]]
+    assert np.asarray(Image.open(tmp_path / "out" / "coarse_to_fine" / "composite.png")).shape == (64, 64, 3)
