@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
+from .config import CONFIG_FILE, FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
 from .io import load_config, save_config
 from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
 
@@ -29,7 +29,7 @@ def _config_and_carried(profile: str, output_dir: str | None, overrides: dict[st
     profile = resolve_profile(profile)
     output_dir = output_dir or os.environ.get("HELPERS_OUTPUT_DIR") or "output"
     defaults = ProjectConfig(profile=profile, **PROFILE_DEFAULTS[profile])
-    saved_file = defaults.path(output_dir) / "config.json"
+    saved_file = defaults.path(output_dir) / CONFIG_FILE
     base = load_config(saved_file) if saved_file.exists() else None
     if base is None or base.profile != profile:
         base = defaults

@@ -113,3 +113,20 @@ def test_persist_to_drive_outside_colab_says_so_and_changes_nothing(tmp_path, ca
     config = notebook_config("00", {"profile": "tiny", "output_dir": str(tmp_path), "persist_to_drive": True})
     assert config.output_path == tmp_path
     assert "not running in Colab" in capsys.readouterr().out
+
+
+def test_the_upload_widget_stores_what_is_uploaded_and_shows_refusals(tmp_path):
+    import io as bytes_io
+
+    from helpers.data import upload_widget
+    config = ProjectConfig(subjects=[Subject("toy", "qwe", "toy", str(tmp_path / "toy"), "loras/toy")])
+    widget = upload_widget(config)
+    upload, status = widget.children[0].children
+    buffer = bytes_io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buffer, "PNG")
+    new = ({"name": "toy.png", "content": memoryview(buffer.getvalue())},)  # ipywidgets 8's shape of an upload
+    upload.notify_change({"name": "value", "old": (), "new": new, "owner": upload, "type": "change"})
+    assert len(list((tmp_path / "toy").iterdir())) == 1 and "1 photo(s)" in status.value
+    legacy = {"x.jpg": {"metadata": {"name": "x.jpg"}, "content": b"broken"}}  # ipywidgets 7.7's shape
+    upload.notify_change({"name": "value", "old": (), "new": legacy, "owner": upload, "type": "change"})
+    assert "x.jpg" in status.value and len(list((tmp_path / "toy").iterdir())) == 1
