@@ -70,7 +70,6 @@ def add_photos(config: ProjectConfig, subject: Subject, files: list[tuple[str, b
     that cannot be used raises ``SubjectDataError`` naming it and nothing of it is written. Files are named by their
     content, so the same photo uploaded twice is stored once."""
     import hashlib
-    import io
     import tempfile
 
     folder = config.data_path(subject)

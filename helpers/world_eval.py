@@ -11,7 +11,6 @@ The quality gates in ``tests/test_world.py`` call these functions with fixed see
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 
