@@ -164,11 +164,11 @@ class ProjectConfig:
 
         if not self.subjects:
             fail("at least one subject is needed")
-        for attr in ("name", "token"):
+        for attr in ("name", "token", "lora_dir", "data_dir"):  # a shared lora_dir would overwrite one LoRA
             values = [getattr(s, attr) for s in self.subjects]
             dupes = sorted({v for v in values if values.count(v) > 1})
             if dupes:
-                fail(f"duplicate subject {attr}(s): {', '.join(dupes)}")
+                fail(f"duplicate subject {attr}(s): {', '.join(dupes)}; each subject needs its own")
         for s in self.subjects:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
                 fail(f"subject name {s.name!r} must be letters, digits, '_' or '-' (it names folders)")

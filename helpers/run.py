@@ -33,6 +33,49 @@ def series_notebooks(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
+def notebook_parameters(notebooks: list[Path]) -> set[str]:
+    """Every name a notebook's ``parameters`` cell assigns, plus every config setting (``notebook_config`` reads
+    those from the notebook's globals, so ``-p guidance_scale 3`` reaches the config too)."""
+    import nbformat
+
+    from .config import FIELD_NAMES
+
+    names = set(FIELD_NAMES)
+    for path in notebooks:
+        for cell in nbformat.read(path, 4).cells:
+            if "parameters" in cell.metadata.get("tags", []):
+                names |= {t.id for node in ast.walk(ast.parse(cell.source)) if isinstance(node, ast.Assign)
+                          for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def unknown_parameters(parameters: dict, notebooks: list[Path]) -> str | None:
+    """One line naming each unknown parameter with the closest known ones, or None."""
+    import difflib
+
+    known = notebook_parameters(notebooks)
+    unknown = sorted(set(parameters) - known)
+    if not unknown:
+        return None
+    hints = [f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(name, known))
+                            else "") for name in unknown]
+    return f"unknown parameter {', '.join(hints)}: nothing was run"
+
+
+def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path] | str:
+    """``--only`` accepts 3, 03 and 03_coarse_to_fine; an unknown one is named (a string is the error line)."""
+    if not only:
+        return notebooks
+    chosen = []
+    for item in only:
+        item = item.strip().removesuffix(".ipynb")
+        match = [nb for nb in notebooks if nb.stem == item or (item.isdigit() and int(nb.name[:2]) == int(item))]
+        if not match:
+            return f"--only {item!r}: no such notebook; choose from {', '.join(nb.stem for nb in notebooks)}"
+        chosen += [nb for nb in match if nb not in chosen]
+    return sorted(chosen)
+
+
 def parse_value(text: str):
     """``-p steps 4`` gives an int, ``-p force True`` a bool, anything else stays a string."""
     try:
@@ -62,10 +105,13 @@ def run_series(notebooks_dir: Path = NOTEBOOKS_DIR, output_dir: str | None = Non
     out_root = out_root if out_root.is_absolute() else PROJECT_ROOT / out_root
     executed_dir = out_root / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    notebooks = [nb for nb in series_notebooks(notebooks_dir) if not only or nb.name[:2] in only]
-    if not notebooks:
-        print(f"no notebooks NN_*.ipynb in {notebooks_dir}", file=stream)
+    notebooks = select_notebooks(series_notebooks(notebooks_dir), only)
+    if isinstance(notebooks, str) or not notebooks:
+        print(notebooks or f"no notebooks NN_*.ipynb in {notebooks_dir}", file=stream)
         return [], 1
+    if (problem := unknown_parameters(params, notebooks)) is not None:
+        print(problem, file=stream)
+        return [], 2
     runs: list[NotebookRun] = []
     for i, nb in enumerate(notebooks, 1):
         target = executed_dir / nb.name

@@ -94,3 +94,19 @@ def test_notebook_only_journey_trains_and_composes_a_subject_the_repository_does
     assert [p["subject"] for p in result["passes"]] == ["cat", "mug", "rocket"]
     assert [p["active_adapters"] for p in result["passes"]] == [["cat"], ["mug"], ["rocket"]]
     assert np.asarray(Image.open(tmp_path / "out" / "coarse_to_fine" / "composite.png")).shape == (64, 64, 3)
+
+
+def test_unknown_parameters_are_refused_with_the_closest_names(tmp_path):
+    out = io.StringIO()
+    runs, code = run_series(NOTEBOOKS_DIR, str(tmp_path / "out"), "tiny", {"stepz": 30}, progress=False, stream=out)
+    assert (runs, code) == ([], 2)
+    assert out.getvalue().strip() == "unknown parameter 'stepz' (did you mean steps?): nothing was run"
+    assert not (tmp_path / "out" / "executed").exists() or not any((tmp_path / "out" / "executed").iterdir())
+
+
+def test_only_accepts_numbers_with_or_without_zero_and_names():
+    from helpers.run import select_notebooks
+    notebooks = series_notebooks(NOTEBOOKS_DIR)
+    assert [p.name[:2] for p in select_notebooks(notebooks, ["3", "00", "05_evaluation_and_figures"])] == \
+        ["00", "03", "05"]
+    assert "no such notebook" in select_notebooks(notebooks, ["9"])
