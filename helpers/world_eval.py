@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -91,8 +91,7 @@ def scorer_accuracy(scorer, n: int = 200, first_seed: int = HELD_OUT_SEED) -> di
         colors = list(world.COLORS)
         hits["color"] += colors[zero_shot(scorer, crop, [world.with_article(f"{c} {obj.cls}") for c in colors])] \
             == obj.color
-        patterns = [world.with_article(f"{obj.color} {'' if p == 'solid' else p + ' '}{obj.cls}".replace("  ", " "))
-                    for p in world.PATTERNS]
+        patterns = [world.with_article(replace(obj, pattern=p).describe()) for p in world.PATTERNS]
         hits["pattern"] += world.PATTERNS[zero_shot(scorer, crop, patterns)] == obj.pattern
         # the protocol the generator is judged by, checked on renders whose class is known
         hits["class_located"] += classify_object(scorer, scene.image, world.BACKGROUNDS[scene.spec.background]) \

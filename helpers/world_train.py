@@ -196,11 +196,11 @@ def train_unet(latents: torch.Tensor, ids1: torch.Tensor, ids2: torch.Tensor, em
     ``start_from`` (a saved pipeline folder) or ``modules`` (unet, te1, te2) the training continues from them."""
     from diffusers import DDPMScheduler
 
-    te1, te2 = build_text_encoders()
-    unet = build_unet()
     if modules is not None:
         unet, te1, te2 = modules
-    elif start_from is not None:
+    elif start_from is None:
+        (te1, te2), unet = build_text_encoders(), build_unet()
+    else:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
