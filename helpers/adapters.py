@@ -5,6 +5,7 @@ Used by ``training`` (class images, previews), ``pipeline`` (Phase 0, subject pa
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -24,6 +25,8 @@ class MissingLoraError(FileNotFoundError):
 
 def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
     """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops)."""
+    from safetensors import SafetensorError
+
     loaded = set(adapter_names(models))
     for subject in config.subjects:
         if subject.name in loaded:
@@ -32,7 +35,17 @@ def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
         if not (folder / LORA_WEIGHTS_FILE).exists():
             raise MissingLoraError(f"subject {subject.name!r} has no trained LoRA at {folder / LORA_WEIGHTS_FILE}; "
                                    f"run notebooks/01_train_subject_loras.ipynb first")
-        models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
+        try:
+            with warnings.catch_warnings():  # one adapter per subject on one UNet is the design, not an accident
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # damaged, or trained on another base model
+            if subject.name in adapter_names(models):
+                models.txt2img.delete_adapters(subject.name)
+            raise MissingLoraError(
+                f"subject {subject.name!r}: {folder / LORA_WEIGHTS_FILE} cannot be loaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160]}); rerun notebooks/01_train_subject_loras.ipynb, which retrains a "
+                f"damaged LoRA (force=True retrains it in any case)") from None
     return adapter_names(models)
 
 

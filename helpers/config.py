@@ -249,7 +249,13 @@ class ProjectConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
         check_known_fields(data, source)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (ValueError, TypeError) as e:
+            if source == "ProjectConfig":
+                raise
+            raise ValueError(f"{source}: {str(e).removeprefix('ProjectConfig.')}; fix it, or delete the file to start "
+                             f"from the defaults") from None
 
     @classmethod
     def from_json(cls, text: str, source: str = "ProjectConfig") -> ProjectConfig:
@@ -297,7 +303,8 @@ def check_setting(value: Any, meta: dict[str, Any]) -> str | None:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        return f"must be {'a finite number' if kind is float else 'a ' + kind.__name__}, got {value!r}"
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        return f"must be {'a finite number' if kind is float else f'{article} {kind.__name__}'}, got {value!r}"
     if kind is list and not all(isinstance(item, str) for item in value):
         return f"must be a list of strings, got {value!r}"
     if meta["choices"] is not None and value not in meta["choices"]:

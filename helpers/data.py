@@ -19,34 +19,73 @@ class SubjectDataError(ValueError):
     """A subject's photos cannot be used; the message names the file or folder and what to do."""
 
 
+def photo_inventory(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The photos training will read, and every other entry of the folder with the reason it is not used."""
+    used, ignored = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue  # hidden files: editor and OS leftovers (.DS_Store, .ipynb_checkpoints), never photos
+        if p.is_dir():
+            ignored.append((p, "a folder (photos in subfolders are not read; move them up)"))
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+            ignored.append((p, f"extension {p.suffix or '(none)'!r} is not one of {', '.join(sorted(IMAGE_SUFFIXES))}"))
+        else:
+            used.append(p)
+    return used, ignored
+
+
 def subject_photo_paths(folder: Path, subject_name: str) -> list[Path]:
     if not folder.is_dir():
         raise SubjectDataError(f"subject {subject_name!r}: photo folder {folder} does not exist. Create it and put "
                                f"3-20 photos of the subject in it.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    paths, ignored = photo_inventory(folder)
     if not paths:
         raise SubjectDataError(f"subject {subject_name!r}: photo folder {folder} has no images "
                                f"({', '.join(sorted(IMAGE_SUFFIXES))}). Add 3-20 photos of the subject.")
     return paths
 
 
+def ignored_files_note(folder: Path, subject_name: str) -> str | None:
+    """One line naming every file of the subject's folder that training will not read, and why (None if all used)."""
+    if not folder.is_dir():
+        return None
+    _, ignored = photo_inventory(folder)
+    if not ignored:
+        return None
+    return f"subject {subject_name!r}: not used: " + "; ".join(f"{p.name} ({why})" for p, why in ignored)
+
+
+# Below this spread of pixel values (0-255 scale, after conversion to RGB) a photo is one flat colour: nothing to
+# learn, and often a sign that the file decoded wrongly.
+MIN_PIXEL_STD = 4.0
+
+
 def load_photo(path: Path, min_size: int) -> Image.Image:
-    """One photo as upright RGB; rejects unreadable files and photos smaller than ``min_size`` on their short side."""
+    """One photo as upright RGB; rejects unreadable files, photos smaller than ``min_size`` on their short side, and
+    photos that are blank or too uniform to teach anything."""
     try:
         with Image.open(path) as im:
             im.load()
             image = ImageOps.exif_transpose(im)  # phones store portrait shots sideways plus an EXIF flag
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SubjectDataError(f"{path}: cannot read this image ({type(e).__name__}: {e}). Replace or remove it.") \
             from None
     image = _to_rgb(image)
     if min(image.size) < min_size:
         raise SubjectDataError(f"{path}: {image.width}x{image.height} px is too small; the short side needs at least "
                                f"{min_size} px. Use a larger photo.")
+    spread = float(np.asarray(image.resize((64, 64)), dtype=np.float32).reshape(-1, 3).std(axis=0).max())
+    if spread < MIN_PIXEL_STD:
+        raise SubjectDataError(f"{path}: the photo is blank or one flat colour (pixel spread {spread:.1f} < "
+                               f"{MIN_PIXEL_STD}): nothing to learn from it. Replace or remove it.")
     return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit/float: PIL's convert("RGB") clips to white
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode != "F" or values.max() > 1.0 else 1.0
+        return Image.fromarray(np.clip(values / full_scale * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white, not black
@@ -59,6 +98,8 @@ def load_subject_photos(config: ProjectConfig, subject: Subject, min_size: int |
     min_size = min_size if min_size is not None else min(config.train_resolution, 256)
     paths = subject_photo_paths(config.data_path(subject), subject.name)
     photos = [load_photo(p, min_size) for p in paths]
+    if note := ignored_files_note(config.data_path(subject), subject.name):
+        warnings.warn(note)
     if len(photos) < MIN_PHOTOS_ADVISED:
         warnings.warn(f"subject {subject.name!r} has only {len(photos)} photo(s); 3-20 varied photos give a LoRA "
                       f"that keeps the identity without copying one picture.")
@@ -135,8 +176,12 @@ def photo_summary(config: ProjectConfig, subject: Subject) -> str:
     folder = config.data_path(subject)
     if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
         return f"{subject.name}: no photos yet in {folder}; add 3-20 in notebook 01 (parameter `photos` or upload)"
-    photos = load_subject_photos(config, subject)
-    return f"{subject.name}: {len(photos)} photos, smallest side {min(min(p.size) for p in photos)} px"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note below says the same in one line
+        photos = load_subject_photos(config, subject)
+    line = f"{subject.name}: {len(photos)} photos, smallest side {min(min(p.size) for p in photos)} px"
+    note = ignored_files_note(folder, subject.name)
+    return f"{line}; {note.split(': ', 1)[1]}" if note else line
 
 
 def augment(image: Image.Image, size: int, rng: random.Random) -> Image.Image:

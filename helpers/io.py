@@ -29,6 +29,52 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def set_aside(path: str | Path, why: str) -> Path:
+    """Rename a damaged file or folder to ``<name>.damaged-<time>`` beside it (kept for inspection, never deleted)
+    and return the new path; ``why`` goes into the one line that says so."""
+    import time
+    import warnings
+
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    os.replace(path, target)
+    warnings.warn(f"{path}: {why} (the old one is kept as {target.name})", stacklevel=2)
+    return target
+
+
+def leftover_temp_files(folder: str | Path) -> list[Path]:
+    """Temp files that a killed process left behind under ``folder`` (``.<name>.tmp<pid><suffix>`` whose process is
+    gone; a live writer's temp file is left alone)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob(f".*{TEMP_MARK}*") if p.is_file() and not _pid_alive(p)]
+
+
+def _pid_alive(temp_file: Path) -> bool:
+    digits = temp_file.name.split(TEMP_MARK, 1)[1].split(".", 1)[0]
+    if not digits.isdigit():
+        return False
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_leftover_temp_files(folder: str | Path) -> int:
+    """Remove what ``leftover_temp_files`` finds; returns how many."""
+    found = leftover_temp_files(folder)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -60,4 +106,8 @@ def save_config(config: ProjectConfig, path: str | Path | None = None) -> Path:
 
 def load_config(path: str | Path) -> ProjectConfig:
     path = Path(path)
-    return ProjectConfig.from_json(path.read_text(), source=str(path))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (config files are JSON); fix it or delete it") from None
+    return ProjectConfig.from_json(text, source=str(path))

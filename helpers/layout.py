@@ -107,6 +107,8 @@ class Layout:
             raise LayoutError(f"{path}: no such layout file; run notebooks/02_layout_designer.ipynb first") from None
         except json.JSONDecodeError as e:
             raise LayoutError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+        except UnicodeDecodeError:
+            raise LayoutError(f"{path}: not a text file (layout files are JSON); fix or delete it") from None
         return cls.from_dict(data, source=str(path))
 
 
@@ -220,10 +222,14 @@ def validate_layout(layout: Layout, subject_names: list[str], max_overlap: float
         parts = ([f"no region for {', '.join(missing)}"] if missing else []) + \
                 ([f"regions for unknown subject(s) {', '.join(extra)}"] if extra else [])
         raise LayoutError(f"layout and config disagree: {'; '.join(parts)} (configured: {', '.join(subject_names)})")
-    if layout.width <= 0 or layout.height <= 0:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layout.width, layout.height)) \
+            or layout.width <= 0 or layout.height <= 0:
         raise LayoutError(f"canvas size must be positive, got {layout.width}x{layout.height}")
     eps = 1e-6
     for r in layout.regions:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (r.x, r.y, r.w, r.h)):
+            raise LayoutError(f"subject {r.subject!r}: x, y, w and h must be numbers, got "
+                              f"{', '.join(repr(v) for v in (r.x, r.y, r.w, r.h))}")
         if r.shape not in SHAPES:
             raise LayoutError(f"subject {r.subject!r}: unknown shape {r.shape!r} (use {' or '.join(SHAPES)})")
         if not all(math.isfinite(v) for v in (r.x, r.y, r.w, r.h)):
@@ -270,7 +276,29 @@ def load_or_default_layout(path: Path, subject_names: list[str], width: int, hei
     """The saved layout when there is one (validated against the subjects), else the default; says which."""
     if path.exists():
         layout = Layout.load(path)
-        validate_layout(layout, subject_names)
+        try:
+            validate_layout(layout, subject_names)
+        except LayoutError as e:
+            raise LayoutError(f"{path}: {e}") from None
         return layout, f"loaded {path}"
     layout = default_layout(subject_names, width, height)
     return layout, f"no saved layout at {path}: using the default layout (run notebook 02 to design one)"
+
+
+def layout_to_repair(path: Path, subject_names: list[str], width: int, height: int) -> tuple[Layout, str]:
+    """What the designer opens with: the saved layout even when it breaks a rule (the designer shows the problem and
+    lets you fix it); the default when the file cannot be read at all or names other subjects. The file itself is
+    only replaced when you save."""
+    try:
+        return load_or_default_layout(path, subject_names, width, height)
+    except LayoutError as e:
+        problem = str(e)
+    try:
+        layout = Layout.load(path)
+        if sorted(layout.subjects) == sorted(subject_names) and all(r.shape in SHAPES for r in layout.regions) and all(
+                math.isfinite(v) for r in layout.regions for v in (r.x, r.y, r.w, r.h)):
+            return layout, f"{problem}. Fix it below and save."
+    except LayoutError:
+        pass
+    return (default_layout(subject_names, width, height),
+            f"{problem}; starting from the default layout. Saving replaces the file.")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .config import PROFILES, ProjectConfig
 from .profiles import (SDXL_BASE_ID, SDXL_VAE_FP16_FIX_ID, TINY_VERSION, WORLD_DIR, WORLD_VERSION,
-                       build_sdxl_random_pipeline, ensure_tiny_pipeline, load_pipeline_folder, load_sdxl_pipeline,
+                       build_sdxl_random_pipeline, load_pipeline_folder, load_tiny_pipeline, load_sdxl_pipeline,
                        world_pipeline_folder)
 
 
@@ -91,9 +91,9 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None,
     device = torch.device(device) if device else default_device()
     half_on_gpu = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if config.profile == "tiny":
-        folder = ensure_tiny_pipeline(config.cache_path)
-        dtype, source = dtype or torch.float32, str(folder)
-        txt2img = load_pipeline_folder(folder, dtype)
+        dtype = dtype or torch.float32
+        txt2img, folder = load_tiny_pipeline(config.cache_path, dtype)
+        source = str(folder)
     elif config.profile == "world":
         folder = world_pipeline_folder()
         dtype, source = dtype or torch.float32, str(folder)

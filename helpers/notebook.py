@@ -3,15 +3,18 @@ previous notebook, saved for the next), and notebook 00's demonstration of the N
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import CONFIG_FILE, FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
-from .io import load_config, save_config
+from .io import load_config, save_config, set_aside
 from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
+from .profiles import subject_token_problem
 
 
 def make_config(profile: str = "auto", output_dir: str | None = None, **overrides: Any) -> ProjectConfig:
@@ -30,7 +33,7 @@ def _config_and_carried(profile: str, output_dir: str | None, overrides: dict[st
     output_dir = output_dir or os.environ.get("HELPERS_OUTPUT_DIR") or "output"
     defaults = ProjectConfig(profile=profile, **PROFILE_DEFAULTS[profile])
     saved_file = defaults.path(output_dir) / CONFIG_FILE
-    base = load_config(saved_file) if saved_file.exists() else None
+    base = _saved_config(saved_file)
     if base is None or base.profile != profile:
         base = defaults
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -38,6 +41,19 @@ def _config_and_carried(profile: str, output_dir: str | None, overrides: dict[st
     carried = {name: getattr(base, name) for name in FIELD_NAMES
                if name not in changes and name != "output_dir" and getattr(base, name) != getattr(defaults, name)}
     return config, carried
+
+
+def _saved_config(path: Path) -> ProjectConfig | None:
+    """The config an earlier notebook saved; a file that is not JSON at all (a crash of another tool, a bad edit) is
+    set aside and the defaults are used. A readable file with a wrong value stops with a line naming file and field."""
+    if not path.exists():
+        return None
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        set_aside(path, "not valid JSON; starting from the profile's defaults")
+        return None
+    return load_config(path)
 
 
 DRIVE_OUTPUT = "/content/drive/MyDrive/multisubject-sdxl/output"
@@ -65,6 +81,8 @@ def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
     if parameters.get("persist_to_drive"):
         output_dir = drive_output_dir(output_dir)
     config, carried = _config_and_carried(profile, output_dir, overrides)
+    if problem := subject_token_problem(config):
+        raise ValueError(problem)
     save_config(config)
     note = {"tiny": " (random weights: pictures are meaningless, the plumbing is real)",
             "world": " (small models trained on a rendered world: offline, and the scores mean something there)",

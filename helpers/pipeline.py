@@ -18,7 +18,7 @@ from PIL import Image
 from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, fused_adapter, generate, only_adapter
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
-from .layout import Layout, MaskSet, masks
+from .layout import Layout, LayoutError, MaskSet, masks, validate_layout
 from .models import ModelBundle
 
 
@@ -211,8 +211,9 @@ def with_and_without_lora(models: ModelBundle, config: ProjectConfig, seed: int)
 
 
 def check_layout_matches(layout: Layout, config: ProjectConfig) -> None:
-    layout_names, config_names = set(layout.subjects), set(config.subject_names)
-    if layout_names != config_names:
-        raise ValueError(f"layout and config name different subjects: only in the layout: "
-                         f"{sorted(layout_names - config_names) or 'none'}; only in the config: "
-                         f"{sorted(config_names - layout_names) or 'none'}. Re-run notebook 02 or fix the config.")
+    """The checks of a layout loaded from JSON or the designer, for one built in code too: one region per configured
+    subject, finite and inside the canvas, large enough, overlapping no more than allowed."""
+    try:
+        validate_layout(layout, config.subject_names)
+    except LayoutError as e:
+        raise LayoutError(f"{e}. Re-run notebook 02 or fix the layout.") from None

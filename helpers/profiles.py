@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .io import set_aside
+
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
 TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny architecture changes, so stale caches are rebuilt
@@ -107,6 +109,8 @@ def ensure_tiny_pipeline(cache_dir: Path) -> Path:
     folder = Path(cache_dir) / TINY_VERSION
     if (folder / "model_index.json").exists():
         return folder
+    if folder.exists():  # a build that was killed before its rename cannot leave this; a damaged copy can
+        set_aside(folder, "incomplete tiny-model cache (no model_index.json)")
     quiet_libraries()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=folder.parent))
@@ -266,6 +270,18 @@ def world_pipeline_folder() -> Path:
     return folder
 
 
+def load_tiny_pipeline(cache_dir: Path, dtype: torch.dtype):
+    """The tiny pipeline from its cache; a cache that no longer loads is set aside and built again."""
+    from safetensors import SafetensorError
+
+    folder = ensure_tiny_pipeline(cache_dir)
+    try:
+        return load_pipeline_folder(folder, dtype), folder
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        set_aside(folder, f"tiny-model cache does not load ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return load_pipeline_folder(ensure_tiny_pipeline(cache_dir), dtype), folder
+
+
 def load_pipeline_folder(folder: Path, dtype: torch.dtype):
     """A pipeline saved with ``save_pretrained`` (safetensors only, nothing fetched)."""
     from diffusers import StableDiffusionXLPipeline
@@ -273,3 +289,44 @@ def load_pipeline_folder(folder: Path, dtype: torch.dtype):
     quiet_libraries()
     return StableDiffusionXLPipeline.from_pretrained(
         folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True, add_watermarker=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subject tokens, as every profile's tokenizer sees them (all use CLIP's BPE vocabulary)
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP's BPE ids past the 512 byte symbols follow the merge order, i.e. how often the piece occurred in CLIP's
+# training text: a whole word merged among the first ~20,000 is one the model knows well ("toy" 5988, "rocket" 8383),
+# a rare one ("sks" 48136, "ohwx" 47993) carries little meaning a LoRA has to fight.
+COMMON_WORD_MAX_ID = 20_000
+
+
+def subject_token_problem(config) -> str | None:
+    """One line naming the first subject token that would not work as a rare identifier, or None: two tokens the
+    tokenizer reads the same, a token that is a common word, or one that already occurs in a prompt of the scene."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    ids = {s.name: tokenizer.encode(s.token) for s in config.subjects}
+    seen: dict[tuple[int, ...], str] = {}
+    for s in config.subjects:
+        key = tuple(ids[s.name])
+        if key in seen:
+            other = config.subject(seen[key])
+            return (f"subjects {other.name!r} and {s.name!r}: tokens {other.token!r} and {s.token!r} are the same to "
+                    f"the tokenizer (it ignores case and spacing); give each its own rare token")
+        seen[key] = s.name
+    for s in config.subjects:
+        piece = ids[s.name]
+        if len(piece) == 1 and piece[0] < COMMON_WORD_MAX_ID and tokenizer.decoder[piece[0]].endswith("</w>"):
+            return (f"subject {s.name!r}: token {s.token!r} is a common word the model already knows (CLIP id "
+                    f"{piece[0]}); use a rare token such as 'sks', 'ohwx' or a made-up 3-4 letter word")
+    prompts = {"scene_prompt": config.scene_prompt, "subject_prompt_suffix": config.subject_prompt_suffix,
+               **{f"extra_scene_prompts[{i}]": p for i, p in enumerate(config.extra_scene_prompts)}}
+    for s in config.subjects:
+        for field_name, prompt in prompts.items():
+            words = tokenizer.encode(prompt)
+            n = len(ids[s.name])
+            if any(words[i:i + n] == ids[s.name] for i in range(len(words) - n + 1)):
+                return (f"subject {s.name!r}: token {s.token!r} already occurs in {field_name} ({prompt!r}); the "
+                        f"subject pass and the QA loop's emphasis would hit it there too. Pick another token.")
+    return None

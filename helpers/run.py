@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PROJECT_ROOT
-from .io import write_notebook_atomic
+from .io import atomic_path, remove_leftover_temp_files, write_notebook_atomic, write_text_atomic
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
@@ -104,7 +104,6 @@ def run_series(notebooks_dir: Path = NOTEBOOKS_DIR, output_dir: str | None = Non
     out_root = Path(output_dir) if output_dir else Path(os.environ.get("HELPERS_OUTPUT_DIR", "output"))
     out_root = out_root if out_root.is_absolute() else PROJECT_ROOT / out_root
     executed_dir = out_root / "executed"
-    executed_dir.mkdir(parents=True, exist_ok=True)
     notebooks = select_notebooks(series_notebooks(notebooks_dir), only)
     if isinstance(notebooks, str) or not notebooks:
         print(notebooks or f"no notebooks NN_*.ipynb in {notebooks_dir}", file=stream)
@@ -112,27 +111,89 @@ def run_series(notebooks_dir: Path = NOTEBOOKS_DIR, output_dir: str | None = Non
     if (problem := unknown_parameters(params, notebooks)) is not None:
         print(problem, file=stream)
         return [], 2
+    # ipykernel 6's debugger prints a frozen-modules warning at every kernel start on Python >= 3.11
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    if (problem := unwritable(executed_dir)) is not None:
+        print(f"FAILED: {problem}; nothing was run", file=stream)
+        return [], 1
+    if removed := remove_leftover_temp_files(out_root):
+        print(f"removed {removed} temp file(s) left by an interrupted run under {out_root}", file=stream)
     runs: list[NotebookRun] = []
     for i, nb in enumerate(notebooks, 1):
         target = executed_dir / nb.name
         print(f"[{i}/{len(notebooks)}] {nb.name} ...", file=stream, flush=True)
         start = time.perf_counter()
+        failure = None
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(nb.parent),
-                                progress_bar=progress, log_output=False, kernel_name="python3")
-        except PapermillExecutionError as e:
+            with atomic_path(target) as partial:  # the previous executed copy stays whole until this one is
+                try:
+                    pm.execute_notebook(str(nb), str(partial), parameters=params, cwd=str(nb.parent),
+                                        progress_bar=progress, log_output=False, kernel_name="python3",
+                                        extra_arguments=QUIET_KERNEL)
+                except PapermillExecutionError as e:
+                    failure = e  # keep the executed copy: it holds the traceback
+        except KeyboardInterrupt:
+            done = ", ".join(r.name for r in runs) or "none"
+            print(f"\ninterrupted during {nb.name}: finished {done}; the executed copies of finished notebooks are "
+                  f"in {executed_dir} (that of {nb.name} is unchanged)", file=stream)
+            return runs, 130
+        except OSError as e:
             runs.append(NotebookRun(nb.name, time.perf_counter() - start, False, target))
-            first_line = (e.source or "").strip().splitlines()[0] if (e.source or "").strip() else ""
-            print(f"\nFAILED: {nb.name}, cell {e.cell_index} (execution {e.exec_count}: {first_line!r})\n"
-                  f"  {e.ename}: {e.evalue}\n  executed copy with the full traceback: {target}", file=stream)
+            print(f"\nFAILED: {nb.name}: {disk_problem(executed_dir, e, nb)}", file=stream)
             print_table(runs, stream)
             return runs, 1
-        runs.append(NotebookRun(nb.name, time.perf_counter() - start, True, target))
+        except Exception as e:  # a dead kernel, a broken notebook file: one line, never a traceback
+            runs.append(NotebookRun(nb.name, time.perf_counter() - start, False, target))
+            print(f"\nFAILED: {nb.name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                  file=stream)
+            print_table(runs, stream)
+            return runs, 1
+        runs.append(NotebookRun(nb.name, time.perf_counter() - start, failure is None, target))
+        if failure is not None:
+            e = failure
+            first_line = (e.source or "").strip().splitlines()[0] if (e.source or "").strip() else ""
+            evalue = (e.evalue or "").strip().splitlines()[0] if (e.evalue or "").strip() else ""
+            print(f"\nFAILED: {nb.name}, cell {e.cell_index} (execution {e.exec_count}: {first_line!r})\n"
+                  f"  {e.ename}: {evalue}\n  executed copy with the full traceback: {target}", file=stream)
+            print_table(runs, stream)
+            return runs, 1
     print_table(runs, stream)
     report = out_root / "report" / "index.html"
     if report.exists():
         print(f"report: {report}", file=stream)
     return runs, 0
+
+
+# The kernel's own log (ipykernel 7 warns on every start that it talks over local TCP): errors only.
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
+
+
+def unwritable(folder: Path) -> str | None:
+    """One line when ``folder`` cannot take a file (read-only, full, not a folder), else None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / ".write-probe", "ok")
+        (folder / ".write-probe").unlink()
+    except OSError as e:
+        return f"cannot write to {folder} ({e.strerror or e}); choose another --output-dir or free it"
+    return None
+
+
+def disk_problem(folder: Path, error: OSError, notebook: Path) -> str:
+    """What went wrong writing into ``folder``, how much space is free and about how much the notebook needs."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        free = float("nan")
+    previous = folder / notebook.name
+    need = 2 * max(notebook.stat().st_size, previous.stat().st_size if previous.exists() else 0) / 2**20 + 1
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EROFS: "the folder is read-only", errno.EACCES: "no permission to write"}.get(error.errno, str(error))
+    return (f"cannot write to {folder}: {what} ({free:.0f} MiB free; its executed copy needs about {need:.0f} MiB, "
+            f"the outputs more). The previous executed copy is unchanged; free space or choose another --output-dir")
 
 
 def print_table(runs: list[NotebookRun], stream=sys.stdout) -> None:
@@ -213,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         params = {name: parse_value(value) for name, value in args.parameter}
         only = args.only.split(",") if args.only else None
-        _, code = run_series(args.notebooks, args.output_dir, args.profile, params, only, not args.no_progress)
+        try:
+            _, code = run_series(args.notebooks, args.output_dir, args.profile, params, only, not args.no_progress)
+        except KeyboardInterrupt:  # before the first notebook started: nothing to report but that
+            print("\ninterrupted before any notebook finished", file=sys.stdout)
+            return 130
         return code
     if args.command == "clean-notebooks":
         import nbformat

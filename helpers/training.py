@@ -7,6 +7,7 @@ diffusers' format, loadable by ``load_lora_weights``, plus ``train_meta.json``).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import LORA_WEIGHTS_FILE, generate
 from .config import ProjectConfig, Subject
 from .data import augment, load_subject_photos, subject_photo_paths
-from .io import atomic_path, save_image_atomic, write_json_atomic
+from .io import atomic_path, save_image_atomic, set_aside, write_json_atomic
 from .models import ModelBundle, library_versions, load_models, model_source
 
 META_FILE = "train_meta.json"
@@ -85,11 +86,43 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def lora_file_record(path: Path) -> dict:
+    """What identifies a LoRA file: its hash, its rank and how many tensors it has (read back, so a file that does
+    not open raises here)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        down = next((k for k in keys if "lora_A" in k or "lora.down" in k), None)
+        rank = int(f.get_slice(down).get_shape()[0]) if down else 0
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16], "rank": rank, "tensors": len(keys)}
+
+
+def lora_file_problem(folder: Path, meta: dict, config: ProjectConfig) -> str | None:
+    """Why the LoRA file in ``folder`` is not the one ``train_meta.json`` describes (None when it is)."""
+    path = folder / LORA_WEIGHTS_FILE
+    try:
+        found = lora_file_record(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"{path} does not open ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    recorded = meta.get("lora_file")
+    if not recorded:
+        return f"{path} has no recorded fingerprint (trained by an older version)"
+    if found["rank"] != config.lora_rank:
+        return f"{path} has rank {found['rank']}, the config asks for {config.lora_rank}"
+    if found != recorded:
+        return f"{path} is not the file that was trained (hash {found['sha256']}, recorded {recorded['sha256']})"
+    return None
+
+
 def skip_report(config: ProjectConfig, subject: Subject, config_hash: str) -> TrainReport | None:
-    """A "skipped" report when the subject's LoRA exists and was trained with this exact config, else None."""
+    """A "skipped" report when the subject's LoRA file exists, matches its recorded fingerprint and was trained with
+    this exact config, else None."""
     folder = config.lora_path(subject)
     meta = read_meta(folder)
     if not (folder / LORA_WEIGHTS_FILE).exists() or not meta or meta.get("config_hash") != config_hash:
+        return None
+    if lora_file_problem(folder, meta, config):
         return None
     return TrainReport(subject.name, "skipped", meta["steps_done"], 0.0, meta.get("loss_history", []),
                        str(folder / LORA_WEIGHTS_FILE), f"{subject.name}: LoRA up to date (hash {config_hash}), skipped")
@@ -97,11 +130,14 @@ def skip_report(config: ProjectConfig, subject: Subject, config_hash: str) -> Tr
 
 def retrain_reason(config: ProjectConfig, subject: Subject, fingerprint: dict) -> str:
     """Why an existing LoRA is trained again ("" when there is none yet)."""
-    meta = read_meta(config.lora_path(subject))
-    if not (config.lora_path(subject) / LORA_WEIGHTS_FILE).exists() or not meta:
+    folder = config.lora_path(subject)
+    meta = read_meta(folder)
+    if not (folder / LORA_WEIGHTS_FILE).exists() or not meta:
         return ""
-    what = ", ".join(changed_keys(meta.get("fingerprint", {}), fingerprint)) or "unknown"
-    return f"{subject.name}: training config changed ({what}): retraining"
+    what = ", ".join(changed_keys(meta.get("fingerprint", {}), fingerprint))
+    if not what and (problem := lora_file_problem(folder, meta, config)):
+        return f"{subject.name}: {problem}: retraining"
+    return f"{subject.name}: training config changed ({what or 'unknown'}): retraining"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,31 +368,48 @@ def save_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> None:
 
 
 def load_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> bool:
-    """Restore weights, optimizer and RNG; False (and a warning) for a foreign or unreadable checkpoint."""
+    """Restore weights, optimizer and RNG. A checkpoint of another training config is not used (False, a warning);
+    a damaged one is set aside (renamed, kept) and training starts from step 0. Everything is checked before the
+    trainer is touched, so a bad file never leaves it half restored."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+        if metadata.get("config_hash") != config_hash:
+            warnings.warn(f"{path}: checkpoint is from another training config; starting from step 0")
+            return False
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        warnings.warn(f"{path}: unreadable checkpoint ({e}); starting this subject from step 0")
-        return False
-    if metadata.get("config_hash") != config_hash:
-        warnings.warn(f"{path}: checkpoint is from another training config; starting from step 0")
+        params = [tensors[f"param.{i}"] for i in range(len(trainer.params))]
+        if [t.shape for t in params] != [p.shape for p in trainer.params]:
+            raise ValueError("its LoRA shapes differ from this adapter's")
+        state = {}
+        for pid, scalars in json.loads(metadata["opt_scalars"]).items():
+            state[int(pid)] = dict(scalars)
+            for key in [k.split(".", 2)[2] for k in tensors if k.startswith(f"opt.{pid}.")]:
+                state[int(pid)][key] = tensors[f"opt.{pid}.{key}"]
+        param_groups, step = json.loads(metadata["param_groups"]), int(metadata["step"])
+        loss_history = [float(x) for x in json.loads(metadata["loss_history"])]
+        rng = tensors["rng"]
+        if not 0 < step <= trainer.config.train_steps or len(loss_history) != step:
+            raise ValueError(f"step {step} and {len(loss_history)} recorded losses do not fit "
+                             f"{trainer.config.train_steps} training steps")
+        probe = torch.Generator("cpu")
+        probe.set_state(rng)
+        optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        if "optimizer_state" in locals():
+            trainer.optimizer.load_state_dict(optimizer_state)
+        set_aside(path, f"damaged training checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"training starts from step 0")
         return False
     with torch.no_grad():
-        for i, p in enumerate(trainer.params):
-            p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
-    state = {}
-    for pid, scalars in json.loads(metadata["opt_scalars"]).items():
-        state[int(pid)] = dict(scalars)
-        for key in [k.split(".", 2)[2] for k in tensors if k.startswith(f"opt.{pid}.")]:
-            state[int(pid)][key] = tensors[f"opt.{pid}.{key}"]
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    trainer.generator.set_state(tensors["rng"])
-    trainer.step_count = int(metadata["step"])
-    trainer.loss_history = json.loads(metadata["loss_history"])
+        for p, saved in zip(trainer.params, params):
+            p.copy_(saved.to(p.device, p.dtype))
+    trainer.generator.set_state(rng)
+    trainer.step_count = step
+    trainer.loss_history = loss_history
     return True
 
 
@@ -369,7 +422,7 @@ def run_steps(trainer: LoraTrainer, checkpoint: Path, config_hash: str, steps: i
     config = trainer.config
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=config.train_steps, initial=trainer.step_count, desc=f"train {label}",
-              disable=not progress, leave=False) as bar:
+              disable=not progress, leave=True) as bar:
         for _ in range(steps):
             loss = trainer.step()
             bar.update(1)
@@ -395,6 +448,7 @@ def export_lora(trainer: LoraTrainer, subject: Subject, folder: Path, fingerprin
                                                     safe_serialization=True)
         os.replace(Path(tmp) / LORA_WEIGHTS_FILE, folder / LORA_WEIGHTS_FILE)
     write_json_atomic(folder / META_FILE, {
+        "lora_file": lora_file_record(folder / LORA_WEIGHTS_FILE),
         "subject": subject.name, "config_hash": fingerprint_hash(fingerprint), "fingerprint": fingerprint,
         "steps_done": trainer.step_count, "loss_history": trainer.loss_history, "seconds": round(seconds, 3),
         "resumed": resumed, "versions": library_versions(), "device": trainer.models.device.type,
@@ -416,6 +470,10 @@ def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, 
         return skipped
     message = "" if force else retrain_reason(config, subject, fingerprint)
     folder, start = config.lora_path(subject), time.perf_counter()
+    meta = read_meta(folder)
+    if (folder / LORA_WEIGHTS_FILE).exists() and meta and meta.get("config_hash") == config_hash \
+            and (problem := lora_file_problem(folder, meta, config)):
+        set_aside(folder / LORA_WEIGHTS_FILE, f"{problem}; retraining")
     data = prepare_training_data(models, config, subject)
     offload_encoders(models)
     trainer = LoraTrainer(models, config, f"{subject.name}__training", data)

@@ -13,9 +13,14 @@ def _config(folder, name="toy"):
 
 
 def _photo(mode="RGB", size=(96, 80), color=(200, 30, 30)):
+    """A colour with a contrasting block in it (a single flat colour is refused as a photo with nothing in it)."""
     if mode == "CMYK":
-        return Image.new("CMYK", size, (0, 200, 200, 0))
-    return Image.new("RGB", size, color).convert(mode)
+        image = Image.new("CMYK", size, (0, 200, 200, 0))
+        image.paste((200, 0, 0, 0), (0, 0, size[0] // 2, size[1] // 2))
+        return image
+    image = Image.new("RGB", size, color)
+    image.paste((20, 20, 220), (0, 0, size[0] // 2, size[1] // 2))
+    return image.convert(mode)
 
 
 def test_missing_and_empty_folders_name_folder_and_subject(tmp_path):
@@ -50,6 +55,7 @@ def test_modes_become_rgb(subject_dir, mode):
 
 def test_transparent_pixels_become_white(subject_dir):
     rgba = Image.new("RGBA", (80, 80), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (40, 0, 80, 80))  # the right half is opaque blue
     rgba.save(subject_dir / "t.png")
     assert load_photo(subject_dir / "t.png", 64).getpixel((5, 5)) == (255, 255, 255)
 

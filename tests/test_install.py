@@ -11,14 +11,12 @@ import pytest
 from helpers import install
 from helpers.config import PROJECT_ROOT
 
-COLAB_PINS = PROJECT_ROOT.parent / "shared" / "colab-gpu-pins.txt"
+COLAB_PINS = PROJECT_ROOT / "constraints" / "colab-gpu.txt"  # Colab's published versions
 JUPYTER_FAMILY = ("ipykernel", "ipython", "ipywidgets", "jupyter_client", "jupyter_core", "jupyter_server",
                   "nbclient", "nbformat", "notebook", "tornado", "traitlets", "widgetsnbextension")
 
 
 def colab_pins() -> dict[str, str]:
-    if not COLAB_PINS.exists():
-        pytest.skip(f"{COLAB_PINS} not found (it ships beside the repository as shared/)")
     pins = {}
     for line in COLAB_PINS.read_text().splitlines():
         if "==" in line and not line.startswith("#"):

@@ -80,9 +80,11 @@ def test_corrupt_checkpoint_is_never_loaded(tmp_path, tiny_models):
     folder = config.lora_path(config.subjects[0])
     folder.mkdir(parents=True)
     (folder / CHECKPOINT_FILE).write_bytes(b"garbage that is not safetensors")
-    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+    with pytest.warns(UserWarning, match="damaged training checkpoint.*kept as checkpoint.safetensors.damaged-"):
         report = run_training(config, models=tiny_models, progress=False)["cat"]
     assert report.status == "trained" and report.steps_done == 6
+    kept = list(folder.glob(f"{CHECKPOINT_FILE}.damaged-*"))  # set aside, never deleted
+    assert len(kept) == 1 and kept[0].read_bytes() == b"garbage that is not safetensors"
 
 
 def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint_intact(tmp_path, tiny_models, monkeypatch):
