@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers.config import ProjectConfig  # noqa: E402
+from helpers.config import PROFILE_DEFAULTS, ProjectConfig  # noqa: E402
 from helpers.layout import default_layout  # noqa: E402
 from helpers.models import load_models  # noqa: E402
 from helpers import pipeline as hp  # noqa: E402
@@ -85,38 +86,108 @@ def plain_pipelines(models):
     return t2i, inpaint
 
 
-def bench_generation(models, config, rows: dict) -> None:
+def bench_generation(models, config, rows: dict, info: dict) -> None:
     from PIL import Image
 
+    from helpers import adapters as ha
+
     size, steps = config.resolution, config.steps
-    t2i, inpaint = plain_pipelines(models)
-    models.txt2img.disable_lora()
-    t2i(PROMPT, height=size, width=size, num_inference_steps=2, output_type="latent")  # warm-up
-    rows["plain t2i"] = timed(lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=steps,
-                                          generator=torch.Generator().manual_seed(0), output_type="pil"), 3)[::2]
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    rows["plain inpaint (strength 0.85)"] = timed(lambda: inpaint(
-        "a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=size, width=size,
-        num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pil"), 3)[::2]
-    models.txt2img.enable_lora()
+    _, inpaint = plain_pipelines(models)
     layout = default_layout(config.subject_names[:2], size, size)
     two = config.replace(subjects=config.subjects[:2])
+    models.txt2img.enable_lora()
     result = hp.coarse_to_fine(models, two, layout)  # warm-up of every path
-    masks = result.masks
-    subject = two.subjects[0]
-    for fused in (True, False):
-        cfg = two.replace(fuse_subject_lora=fused)
-        rows[f"one subject pass ({'fused' if fused else 'unfused'})"] = timed(
-            lambda: hp.region_pass(models, cfg, result.coarse, masks, subject, 7, cfg.inpaint_strength), 3)[::2]
-    rows["coarse-to-fine, 2 subjects"] = timed(lambda: hp.coarse_to_fine(models, two, layout), 2)[::2]
+    masks, subject = result.masks, two.subjects[0]
+    box = masks.crop_box(subject.name, two.region_margin)
+    pass_side = hp.pass_size(models, two, box[2] - box[0])
+    info["pass_size"] = {"crop_side": box[2] - box[0], "pass_side": pass_side}
+
+    def plain_inpaint(side: int):
+        image = Image.new("RGB", (side, side), (128, 128, 128))
+        mask = Image.new("L", (side, side), 0)
+        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+        return lambda: inpaint("a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=side,
+                               width=side, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                               output_type="pil")
+
+    models.txt2img.disable_lora()
+    rows[f"plain inpaint {size}² (strength {config.inpaint_strength})"] = timed(plain_inpaint(size), 3)[::2]
+    if pass_side != size:
+        rows[f"plain inpaint {pass_side}² (same size as a pass)"] = timed(plain_inpaint(pass_side), 3)[::2]
+    models.txt2img.enable_lora()
+    one_pass = lambda cfg: hp.region_pass(models, cfg, result.coarse, masks, subject, 7, cfg.inpaint_strength)  # noqa
+    rows["one subject pass (fused, batched merge)"] = timed(lambda: one_pass(two), 3)[::2]
+    @contextmanager
+    def diffusers_fused(models_, name):  # the previous implementation (fuse_lora, unfuse_lora, restore), to compare
+        with ha.only_adapter(models_, name), ha._diffusers_fused(models_, name):
+            yield
+
+    real_fused, hp.fused_adapter = hp.fused_adapter, diffusers_fused
+    try:
+        rows["one subject pass (fuse_lora + restore)"] = timed(lambda: one_pass(two), 3)[::2]
+    finally:
+        hp.fused_adapter = real_fused
+    rows["one subject pass (unfused)"] = timed(lambda: one_pass(two.replace(fuse_subject_lora=False)), 3)[::2]
+    full = two.replace(subject_pass_min_size=size)
+    rows[f"one subject pass (fused, at {size}²)"] = timed(lambda: one_pass(full), 3)[::2]
+    rows["coarse-to-fine, 2 subjects"] = timed(lambda: hp.coarse_to_fine(models, two, layout), 3)[::2]
+    rows[f"coarse-to-fine, 2 subjects (passes at {size}²)"] = timed(lambda: hp.coarse_to_fine(models, full, layout),
+                                                                    2)[::2]
     four = config.replace(subjects=config.subjects[:4])
     layout4 = default_layout(four.subject_names, size, size)
     rows["coarse-to-fine, 4 subjects"] = timed(lambda: hp.coarse_to_fine(models, four, layout4), 2)[::2]
     rows["one QA refinement"] = timed(lambda: hp.region_pass(models, two, result.final, masks, subject, 123,
                                                              two.refine_strength,
                                                              emphasis_weight=two.prompt_boost), 2)[::2]
+    info["profile_of_one_pass"] = profile_pass(lambda: one_pass(two), plain_inpaint(pass_side))
+
+
+def profile_pass(run_pass, run_plain) -> dict:
+    """torch.profiler over one fused subject pass and one plain inpaint of the same size: the pass's labelled stages
+    (CPU and GPU milliseconds) and the ops with the most CPU time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, fn in (("subject pass", run_pass), ("plain inpaint", run_plain)):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        out[name] = {
+            "stages_ms": {e.key: {"cpu": round(e.cpu_time_total / 1e3, 1),
+                                  "gpu": round((getattr(e, "device_time_total", None)
+                                                or getattr(e, "cuda_time_total", 0)) / 1e3, 1)}
+                          for e in events if e.key.startswith("pass/")},
+            "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in
+                                sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]},
+            "total_gpu_kernel_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3, 1),
+        }
+    return out
+
+
+def bench_compile(models, config, rows: dict, info: dict) -> None:
+    """Compile the UNet in place and time Phase 0 + passes; ratios stay to the uncompiled plain t2i of this run."""
+    import torch._dynamo
+
+    compiled = config.replace(subjects=config.subjects[:2], compile_unet=True)
+    layout = default_layout(compiled.subject_names, config.resolution, config.resolution)
+    models.unet.to(memory_format=torch.channels_last)
+    models.unet.compile(mode="default")
+    torch._dynamo.utils.counters.clear()
+    start = time.perf_counter()
+    hp.coarse_to_fine(models, compiled, layout)  # warm-up: compiles
+    torch.cuda.synchronize()
+    info["compile_warmup_s"] = round(time.perf_counter() - start, 1)
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    rows["compiled: coarse-to-fine, 2 subjects"] = timed(lambda: hp.coarse_to_fine(models, compiled, layout), 3)[::2]
+    four = config.replace(subjects=config.subjects[:4], compile_unet=True)
+    rows["compiled: coarse-to-fine, 4 subjects"] = timed(lambda: hp.coarse_to_fine(
+        models, four, default_layout(four.subject_names, config.resolution, config.resolution)), 2)[::2]
+    after = dict(torch._dynamo.utils.counters["stats"])
+    info["compile_graphs_after_warmup"] = graphs.get("unique_graphs", 0)
+    info["compile_recompiles_after_warmup"] = after.get("unique_graphs", 0) - graphs.get("unique_graphs", 0)
+    info["compile_recompile_reasons"] = {str(k): v for k, v in torch._dynamo.utils.counters["recompiles"].items()}
 
 
 def bench_training(models, config, rows: dict, steps: int) -> str:
@@ -152,7 +223,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
-    parser.add_argument("--skip", default="", help="comma list of: generation,training")
+    parser.add_argument("--skip", default="", help="comma list of: generation,training,compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -162,8 +233,10 @@ def main() -> int:
 
     subjects = [Subject(n, t, c, f"data/{n}", f"loras/{n}") for n, t, c in
                 (("cat", "sks", "cat"), ("mug", "zwx", "mug"), ("toy", "qwe", "toy"), ("dog", "vbn", "dog"))]
-    config = ProjectConfig(profile="sdxl-random", resolution=1024, steps=30, train_resolution=1024, lora_rank=16,
-                           train_batch_size=1, learning_rate=1e-5, subjects=subjects)
+    defaults = {**PROFILE_DEFAULTS["sdxl-random"], "subjects": subjects, "learning_rate": 1e-5}
+    config = ProjectConfig(profile="sdxl-random", **defaults)
+    assert (config.resolution, config.steps, config.train_resolution, config.lora_rank, config.train_batch_size) == \
+        (1024, 30, 1024, 16, 1), "the bench measures SDXL's own settings"
     gpu = torch.cuda.get_device_name(0)
     start = time.perf_counter()
     models = load_models(config)
@@ -179,27 +252,41 @@ def main() -> int:
     seen_inputs: set = set()
     record_unet_input_dtypes(models, seen_inputs)
     rows: dict = {}
+    t2i, _ = plain_pipelines(models)  # the baseline of every ratio, timed in every run
+    models.txt2img.disable_lora()
+    size = config.resolution
+    t2i(PROMPT, height=size, width=size, num_inference_steps=2, output_type="latent")  # warm-up
+    rows["plain t2i"] = timed(lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,
+                                          generator=torch.Generator().manual_seed(0), output_type="pil"), 3)[::2]
+    models.txt2img.enable_lora()
     if "generation" not in skip:
-        bench_generation(models, config, rows)
+        bench_generation(models, config, rows, info)
         assert seen_inputs == {("torch.float16", "torch.float16")}, f"UNet inputs seen: {seen_inputs}"
     if "training" not in skip:
         info["checkpointing_auto_choice"] = bench_training(models, config, rows, args.train_steps)
+    if "compile" not in skip:
+        bench_compile(models, config, rows, info)
     info["unet_input_dtypes"] = sorted(seen_inputs)
     base = rows.get("plain t2i", (float("nan"),))[0]
-    inpaint = rows.get("plain inpaint (strength 0.85)", (float("nan"),))[0]
+    same_size = next((v[0] for k, v in rows.items() if "same size as a pass" in k),
+                     next((v[0] for k, v in rows.items() if k.startswith("plain inpaint")), float("nan")))
+    full_inpaint = next((v[0] for k, v in rows.items() if k.startswith("plain inpaint")), float("nan"))
     table = []
     for name, (seconds, peak) in rows.items():
-        reference = inpaint if name.startswith(("one subject pass", "one QA")) else base
+        if name.startswith(("one subject pass", "one QA")):
+            at_full = f"at {config.resolution}²" in name
+            reference, to = (full_inpaint, "plain inpaint (full)") if at_full else (same_size, "plain inpaint (same)")
+        else:
+            reference, to = base, "plain t2i"
         table.append({"row": name, "seconds": round(seconds, 3), "peak_gib": round(peak, 2),
-                      "ratio": round(seconds / reference, 2),
-                      "ratio_to": "plain inpaint" if reference is inpaint else "plain t2i"})
+                      "ratio": round(seconds / reference, 2), "ratio_to": to})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**info, "rows": table}, indent=2))
     print(json.dumps(info, indent=1))
     print(f"\n{gpu}, full-size SDXL twin, fp16, 1024², 30 steps")
-    print(f"{'row':<42} {'seconds':>8} {'ratio':>7}  {'to':<14} {'peak GiB':>8}")
+    print(f"{'row':<48} {'seconds':>8} {'ratio':>7}  {'to':<20} {'peak GiB':>8}")
     for r in table:
-        print(f"{r['row']:<42} {r['seconds']:>8.3f} {r['ratio']:>6.2f}x  {r['ratio_to']:<14} {r['peak_gib']:>8.2f}")
+        print(f"{r['row']:<48} {r['seconds']:>8.3f} {r['ratio']:>6.2f}x  {r['ratio_to']:<20} {r['peak_gib']:>8.2f}")
     return 0
 
 

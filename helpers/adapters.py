@@ -93,23 +93,76 @@ def lora_base_layers(models: ModelBundle) -> list[torch.nn.Module]:
     return [m.get_base_layer() for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _plain_lora_layers(models: ModelBundle, name: str) -> list | None:
+    """The peft layers holding adapter ``name``, or None when one of them is not a plain linear LoRA (DoRA, a LoRA
+    bias, transposed weights): those are merged by peft itself."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in models.unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    plain = all(isinstance(m.get_base_layer(), torch.nn.Linear) and name not in m.lora_variant
+                and not m.lora_bias.get(name, False) and not getattr(m, "fan_in_fan_out", False) for m in layers)
+    return layers if plain else None
+
+
+@torch.no_grad()
+def _add_lora_deltas(layers: list, name: str) -> None:
+    """Every layer's weight += scaling * B @ A, as peft's ``merge`` computes it, but one batched matmul per group of
+    same-shaped layers instead of one Python round trip per layer (SDXL has 560 of them)."""
+    groups: dict[tuple, list] = {}
+    for m in layers:
+        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        groups.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, a.device), []).append(m)
+    for members in groups.values():
+        a = torch.stack([m.lora_A[name].weight for m in members])
+        b = torch.stack([m.lora_B[name].weight for m in members])
+        compute = torch.float32 if a.device.type == "cpu" else a.dtype  # CPUs are slow at fp16 matmuls
+        deltas = torch.bmm(b.to(compute), a.to(compute))
+        deltas *= torch.tensor([m.scaling[name] for m in members], dtype=compute, device=a.device)[:, None, None]
+        weights = [m.get_base_layer().weight for m in members]
+        torch._foreach_add_(weights, [d.to(w.dtype) for d, w in zip(deltas.unbind(), weights)])
+        del deltas
+
+
 @contextmanager
 def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
-    """Exactly ``name``'s LoRA merged into the UNet's base weights for the block (``fuse_lora``), so a pass costs what
-    a plain pass costs (an unfused LoRA adds two small matmuls to every attention projection); afterwards
-    ``unfuse_lora`` and the base weights restored bit for bit from a copy (subtracting the delta again would leave
-    rounding residue in fp16 that builds up pass after pass)."""
+    """Exactly ``name``'s LoRA merged into the UNet's base weights for the block, so a pass costs what a plain pass
+    costs (an unfused LoRA adds two small matmuls to every attention projection). The layers are marked merged the
+    way peft's own ``merge`` marks them, so peft computes no LoRA branch on top and ``active_adapters`` still names
+    the subject. Afterwards the base weights are restored bit for bit from a copy (subtracting the delta again would
+    leave fp16 rounding residue that builds up pass after pass) and the marks are removed."""
     with only_adapter(models, name):
-        layers = lora_base_layers(models)
-        originals = [layer.weight.detach().clone() for layer in layers]
-        models.txt2img.fuse_lora(components=["unet"], adapter_names=[name], lora_scale=1.0)
+        layers = _plain_lora_layers(models, name)
+        if layers is None:  # not a plain LoRA: let diffusers/peft merge it
+            with _diffusers_fused(models, name):
+                yield
+            return
+        weights = [m.get_base_layer().weight for m in layers]
+        originals = [w.detach().clone() for w in weights]
+        _add_lora_deltas(layers, name)
+        for m in layers:
+            m.merged_adapters.append(name)
         try:
             yield
         finally:
-            models.txt2img.unfuse_lora(components=["unet"])
             with torch.no_grad():
-                for layer, weight in zip(layers, originals):
-                    layer.weight.copy_(weight)
+                torch._foreach_copy_(weights, originals)
+            for m in layers:
+                m.merged_adapters.remove(name)
+
+
+@contextmanager
+def _diffusers_fused(models: ModelBundle, name: str) -> Iterator[None]:
+    """``fuse_lora``/``unfuse_lora`` with the base weights restored exactly from a copy (the general path)."""
+    layers = lora_base_layers(models)
+    originals = [layer.weight.detach().clone() for layer in layers]
+    models.txt2img.fuse_lora(components=["unet"], adapter_names=[name], lora_scale=1.0)
+    try:
+        yield
+    finally:
+        models.txt2img.unfuse_lora(components=["unet"])
+        with torch.no_grad():
+            for layer, weight in zip(layers, originals):
+                layer.weight.copy_(weight)
 
 
 def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int, adapter: str | None = None,

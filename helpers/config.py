@@ -114,6 +114,11 @@ class ProjectConfig:
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass
+    # a subject pass runs at its crop's own size (UNet work grows with the pixels), never below this: SDXL draws
+    # poorly under ~768 px. The small profiles keep their one native size.
+    subject_pass_min_size: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=768, world=128)
+    # torch.compile the UNet once (minutes of warm-up, then faster passes; fused weights change values, not graphs)
+    compile_unet: bool = setting(False, "generation")
     # training
     train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=300)
     train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024,

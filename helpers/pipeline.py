@@ -139,36 +139,64 @@ def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray,
     return Image.fromarray(out)
 
 
+def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int:
+    """The side of a subject pass: the crop's own size rounded up to what the UNet divides evenly, between
+    ``subject_pass_min_size`` and the resolution (a small crop is upscaled to a size the model draws well). With a
+    compiled UNet every pass runs at the resolution: one shape, one graph, no recompilation."""
+    if config.compile_unet:
+        return config.resolution
+    multiple = models.inpaint.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
+    side = -(-crop_side // multiple) * multiple
+    return int(min(config.resolution, max(side, config.subject_pass_min_size)))
+
+
 def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet, subject: Subject,
                 seed: int, strength: float, prompt: str | None = None,
                 emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
-    """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image."""
+    """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image.
+    Stages carry ``record_function`` labels ("pass/...") so a profiler run can attribute the time."""
+    from torch.profiler import record_function
+
     start = time.perf_counter()
     prompt = prompt or config.subject_prompt(subject)
     box = masks_.crop_box(subject.name, config.region_margin)
-    size = config.resolution
-    crop = image.crop(box).resize((size, size), Image.LANCZOS)
-    mask_crop = Image.fromarray(masks_.support[subject.name].astype(np.uint8) * 255).crop(box)
-    mask_crop = mask_crop.resize((size, size), Image.NEAREST)
+    size = pass_size(models, config, box[2] - box[0])
+    with record_function("pass/crop"):
+        crop = image.crop(box)
+        crop = crop if crop.size == (size, size) else crop.resize((size, size), Image.LANCZOS)
+        mask_crop = Image.fromarray(masks_.support[subject.name][box[1]:box[3], box[0]:box[2]].astype(np.uint8) * 255)
+        mask_crop = mask_crop if mask_crop.size == (size, size) else mask_crop.resize((size, size), Image.NEAREST)
     if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
         switch = only_adapter(models, None)
     else:  # raises MissingLoraError when this subject's adapter is not loaded
         switch = (fused_adapter if config.fuse_subject_lora else only_adapter)(models, subject.name)
-    with switch, torch.no_grad():
-        adapters_during_pass = active_adapters(models)
-        if emphasis_weight != 1.0:
-            text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
-                                          [subject.token, subject.class_name], emphasis_weight)
-        else:
-            text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
-        latents = models.inpaint(
-            **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
-            num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-            generator=models.generator(seed), output_type="latent").images
-    painted = models.decode(latents)[0].resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS)
-    pasted = image.copy()
-    pasted.paste(painted, box[:2])
-    result = blend_in_mask(image, pasted, masks_.soft[subject.name], box)  # the support lies inside the crop box
+    with record_function("pass/adapter-switch"):
+        switch.__enter__()
+    try:
+        with torch.no_grad():
+            adapters_during_pass = active_adapters(models)
+            with record_function("pass/prompt"):
+                if emphasis_weight != 1.0:
+                    text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
+                                                  [subject.token, subject.class_name], emphasis_weight)
+                else:
+                    text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
+            with record_function("pass/inpaint"):
+                latents = models.inpaint(
+                    **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
+                    num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                    generator=models.generator(seed), output_type="latent").images
+    finally:
+        with record_function("pass/adapter-restore"):
+            switch.__exit__(None, None, None)
+    with record_function("pass/decode"):
+        painted = models.decode(latents)[0]
+    with record_function("pass/paste"):
+        width = box[2] - box[0]
+        painted = painted if painted.size == (width, width) else painted.resize((width, width), Image.LANCZOS)
+        pasted = image.copy()
+        pasted.paste(painted, box[:2])
+        result = blend_in_mask(image, pasted, masks_.soft[subject.name], box)  # the support lies inside the box
     info = SubjectPass(subject.name, seed, strength, box, adapters_during_pass, time.perf_counter() - start, prompt)
     return result, info
 

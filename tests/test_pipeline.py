@@ -127,3 +127,23 @@ def test_fused_and_unfused_passes_paint_the_same_picture(tiny_models, tiny_confi
                              subject, 5, 0.85)[0] for fused in (True, False)]
     difference = np.abs(np.asarray(images[0], np.int16) - np.asarray(images[1], np.int16))
     assert difference.max() <= 2  # rounding only: W x + B A x vs (W + B A) x
+
+
+def test_the_batched_merge_equals_diffusers_fuse_lora(tiny_models, trained):
+    import torch
+
+    layers = ha.lora_base_layers(tiny_models)
+    with ha.fused_adapter(tiny_models, "mug"):
+        ours = [layer.weight.detach().clone() for layer in layers]
+    with ha.only_adapter(tiny_models, "mug"), ha._diffusers_fused(tiny_models, "mug"):
+        theirs = [layer.weight.detach().clone() for layer in layers]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours, theirs))
+    assert any(not torch.equal(a, layer.weight) for a, layer in zip(ours, layers))  # the merge did change weights
+
+
+def test_a_pass_runs_at_its_crops_size_between_the_floor_and_the_resolution(tiny_models, tiny_config):
+    config = tiny_config.replace(resolution=256, subject_pass_min_size=96)
+    assert hp.pass_size(tiny_models, config, 200) == 208  # rounded up to what the UNet divides (16 px here)
+    assert hp.pass_size(tiny_models, config, 40) == 96  # a small crop is upscaled to the floor
+    assert hp.pass_size(tiny_models, config, 256) == 256
+    assert hp.pass_size(tiny_models, config.replace(compile_unet=True), 200) == 256  # one compiled graph
