@@ -93,15 +93,16 @@ def lora_base_layers(models: ModelBundle) -> list[torch.nn.Module]:
     return [m.get_base_layer() for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _plain_lora_layers(models: ModelBundle, name: str) -> list | None:
-    """The peft layers holding adapter ``name``, or None when one of them is not a plain linear LoRA (DoRA, a LoRA
-    bias, transposed weights): those are merged by peft itself."""
+def _lora_layers(models: ModelBundle) -> list:
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in models.unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-    plain = all(isinstance(m.get_base_layer(), torch.nn.Linear) and name not in m.lora_variant
-                and not m.lora_bias.get(name, False) and not getattr(m, "fan_in_fan_out", False) for m in layers)
-    return layers if plain else None
+    return [m for m in models.unet.modules() if isinstance(m, LoraLayer)]
+
+
+def _is_plain_lora(layer, name: str) -> bool:
+    """A linear LoRA that peft merges as weight += scaling * B @ A (no DoRA, no LoRA bias, no transposed weight)."""
+    return (isinstance(layer.get_base_layer(), torch.nn.Linear) and name not in layer.lora_variant
+            and not layer.lora_bias.get(name, False) and not getattr(layer, "fan_in_fan_out", False))
 
 
 @torch.no_grad()
@@ -126,28 +127,38 @@ def _add_lora_deltas(layers: list, name: str) -> None:
 @contextmanager
 def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
     """Exactly ``name``'s LoRA merged into the UNet's base weights for the block, so a pass costs what a plain pass
-    costs (an unfused LoRA adds two small matmuls to every attention projection). The layers are marked merged the
-    way peft's own ``merge`` marks them, so peft computes no LoRA branch on top and ``active_adapters`` still names
-    the subject. Afterwards the base weights are restored bit for bit from a copy (subtracting the delta again would
-    leave fp16 rounding residue that builds up pass after pass) and the marks are removed."""
-    with only_adapter(models, name):
-        layers = _plain_lora_layers(models, name)
-        if layers is None:  # not a plain LoRA: let diffusers/peft merge it
-            with _diffusers_fused(models, name):
-                yield
-            return
-        weights = [m.get_base_layer().weight for m in layers]
-        originals = [w.detach().clone() for w in weights]
-        _add_lora_deltas(layers, name)
-        for m in layers:
-            m.merged_adapters.append(name)
-        try:
+    costs (an unfused LoRA adds two small matmuls to every attention projection). Every LoRA layer is set the way
+    peft's own ``set_adapter`` and ``merge`` leave it (active adapter ``name``, marked merged), so peft computes no
+    LoRA branch on top and ``active_adapters`` names the subject; this is done on the layers directly because
+    diffusers' model-wide ``set_adapters``/``enable_lora`` walk all 12,570 SDXL modules (~40 ms each, several per
+    pass). Afterwards the base weights are restored bit for bit from a copy (subtracting the delta again would leave
+    fp16 rounding residue that builds up pass after pass) and every layer's previous state is put back."""
+    if name not in adapter_names(models):
+        raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {adapter_names(models) or 'none'}); call "
+                               f"load_subject_loras first")
+    layers = _lora_layers(models)
+    holding = [m for m in layers if name in m.lora_A]
+    if not all(_is_plain_lora(m, name) for m in holding):  # DoRA and friends: let diffusers/peft merge them
+        with only_adapter(models, name), _diffusers_fused(models, name):
             yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(weights, originals)
-            for m in layers:
-                m.merged_adapters.remove(name)
+        return
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:  # a layer without this subject's adapter must not apply another one
+        m._active_adapter, m._disable_adapters = [name], name not in m.lora_A
+    weights = [m.get_base_layer().weight for m in holding]
+    originals = [w.detach().clone() for w in weights]
+    _add_lora_deltas(holding, name)
+    for m in holding:
+        m.merged_adapters.append(name)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(weights, originals)
+        for m in holding:
+            m.merged_adapters.remove(name)
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
 
 
 @contextmanager
