@@ -124,6 +124,11 @@ def _add_lora_deltas(layers: list, name: str) -> None:
         del deltas
 
 
+# What a fused layer's ``merged_adapters`` holds during a pass: the same for every subject, so a compiled UNet (whose
+# guards read that list) keeps one graph for all of them; the active adapter still names the subject.
+FUSED_MARK = "<fused>"
+
+
 @contextmanager
 def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
     """Exactly ``name``'s LoRA merged into the UNet's base weights for the block, so a pass costs what a plain pass
@@ -149,14 +154,14 @@ def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
     originals = [w.detach().clone() for w in weights]
     _add_lora_deltas(holding, name)
     for m in holding:
-        m.merged_adapters.append(name)
+        m.merged_adapters.append(FUSED_MARK)
     try:
         yield
     finally:
         with torch.no_grad():
             torch._foreach_copy_(weights, originals)
         for m in holding:
-            m.merged_adapters.remove(name)
+            m.merged_adapters.remove(FUSED_MARK)
         for m, (active, disabled) in zip(layers, saved):
             m._active_adapter, m._disable_adapters = active, disabled
 
