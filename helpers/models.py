@@ -179,7 +179,7 @@ def image_is_finite(image: Image.Image | np.ndarray | torch.Tensor) -> bool:
 # environment
 # ----------------------------------------------------------------------------------------------------------------
 # Measured on an H200 with the full-size twin (benchmarks/results/h200_sdxl_twin_fp16.json): peak GiB.
-SDXL_PEAK_GIB = {"generation": 10.1, "training, checkpointing off": 12.8, "training, checkpointing on": 6.1}
+SDXL_PEAK_GIB = {"generation": 9.7, "training, checkpointing off": 12.8, "training, checkpointing on": 6.1}
 
 
 def memory_plan(profile: str, gpu: str, vram_gib: float | None) -> list[str]:
