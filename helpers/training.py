@@ -254,6 +254,22 @@ def checkpointing_choice(setting: str, device_type: str, unet_params: float, res
     return True, f"gradient checkpointing on: ~{need:.1f} GiB needed without it, only {free_gib:.1f} GiB free"
 
 
+# Measured with benchmarks/bench_reference_training.py on an NVIDIA H100 (SDXL, 1024², batch 1, rank 16); other
+# cards scaled by their dense fp16 tensor throughput relative to it. Estimates, and labelled so.
+SDXL_STEP_SECONDS = {False: 0.401, True: 0.769}  # gradient checkpointing off / on
+GPU_SPEED_VS_H100 = {"H200": 1.0, "H100": 1.0, "A100": 1 / 3.2, "L4": 1 / 6, "T4": 1 / 15}
+
+
+def expected_duration(profile: str, gpu_name: str, checkpointing: bool, steps: int, batch: int) -> str | None:
+    """One line with the expected training time of an SDXL subject on this GPU, or None where there is no basis."""
+    card = next((name for name in GPU_SPEED_VS_H100 if name in gpu_name), None)
+    if profile != "sdxl" or card is None or steps <= 0:
+        return None
+    seconds = SDXL_STEP_SECONDS[checkpointing] * batch * steps / GPU_SPEED_VS_H100[card]
+    return (f"expected ~{seconds / 60:.0f} min for {steps} steps on this {card} (estimate: {SDXL_STEP_SECONDS[checkpointing]}"
+            f" s/step measured on an H100, scaled by the cards' fp16 throughput)")
+
+
 class LoraTrainer:
     """A LoRA adapter on the bundle's UNet, its optimizer and its RNG: step, checkpoint, resume, export."""
 
@@ -479,6 +495,10 @@ def train_subject(models: ModelBundle, config: ProjectConfig, subject: Subject, 
     trainer = LoraTrainer(models, config, f"{subject.name}__training", data)
     if progress:
         print(f"{subject.name}: {trainer.checkpointing_reason}")
+        gpu = torch.cuda.get_device_name(models.device) if models.device.type == "cuda" else ""
+        if estimate := expected_duration(config.profile, gpu, trainer.checkpointing, config.train_steps,
+                                         config.train_batch_size):
+            print(f"{subject.name}: {estimate}")
     try:
         checkpoint = folder / CHECKPOINT_FILE
         resumed = checkpoint.exists() and not force and load_checkpoint(trainer, checkpoint, config_hash)

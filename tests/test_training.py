@@ -153,3 +153,11 @@ def test_gradient_checkpointing_is_chosen_from_free_memory():
     assert ht.checkpointing_choice("on", free_gib=80.0, **sdxl)[0] is True
     assert ht.checkpointing_choice("off", free_gib=1.0, **sdxl)[0] is False
     assert ht.checkpointing_choice("auto", **{**sdxl, "device_type": "cpu"}, free_gib=None)[0] is False
+
+
+def test_expected_duration_is_an_sdxl_estimate_scaled_by_card_and_labelled_so():
+    line = ht.expected_duration("sdxl", "NVIDIA L4", False, 500, 1)
+    assert line.startswith("expected ~20 min for 500 steps on this L4") and "estimate" in line
+    assert "~6 min" in ht.expected_duration("sdxl", "NVIDIA H100 80GB HBM3", True, 500, 1)
+    assert ht.expected_duration("world", "NVIDIA L4", False, 500, 1) is None  # no measured basis: says nothing
+    assert ht.expected_duration("sdxl", "Some Other GPU", False, 500, 1) is None
