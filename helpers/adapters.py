@@ -42,9 +42,10 @@ def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # damaged, or trained on another base model
             if subject.name in adapter_names(models):
                 models.txt2img.delete_adapters(subject.name)
+            why = ("its tensor shapes do not fit this model: it was made for another base model"
+                   if "size mismatch" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             raise MissingLoraError(
-                f"subject {subject.name!r}: {folder / LORA_WEIGHTS_FILE} cannot be loaded ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:160]}); rerun notebooks/01_train_subject_loras.ipynb, which retrains a "
+                f"subject {subject.name!r}: {folder / LORA_WEIGHTS_FILE} cannot be loaded ({why}); rerun notebooks/01_train_subject_loras.ipynb, which retrains a "
                 f"damaged LoRA (force=True retrains it in any case)") from None
     return adapter_names(models)
 

@@ -27,7 +27,8 @@ QA_PASS_THRESHOLD = 0.70
 class Subject:
     """One personal subject: its folder of photos, the rare token that names it and where its LoRA goes.
 
-    ``data_dir`` is relative to the project root, ``lora_dir`` to the config's output folder (absolute paths work too).
+    ``data_dir`` is relative to the project root (absolute paths work too); ``lora_dir`` is a folder inside the
+    config's output folder, so a LoRA never lands outside it.
     """
 
     name: str
@@ -179,6 +180,10 @@ class ProjectConfig:
                 fail(f"subject name {s.name!r} must be letters, digits, '_' or '-' (it names folders)")
             if not s.token.strip() or not s.class_name.strip():
                 fail(f"subject {s.name!r} needs a token and a class_name")
+            lora_dir = Path(s.lora_dir)
+            if lora_dir.is_absolute() or ".." in lora_dir.parts or not lora_dir.parts:
+                fail(f"subject {s.name!r}: lora_dir {s.lora_dir!r} must be a folder inside the output folder "
+                     f"(relative, without '..'), e.g. 'loras/{s.name}'")
 
     # -- derived values -----------------------------------------------------------------------------------------
     def path(self, relative: str | Path) -> Path:

@@ -110,6 +110,10 @@ def test_a_wrong_value_in_config_json_names_file_and_field_and_a_damaged_one_is_
     with pytest.raises(ValueError, match=r"config\.json: steps: must be an int, got 10\.5") as error:
         make_config("tiny", output_dir=str(tmp_path))
     _one_line(str(error.value))
+    config.config_file.write_text(json.dumps({**data, "stepz": 3}))
+    with pytest.raises(ValueError, match=r"config\.json: unknown field\(s\) stepz \(did you mean steps") as error:
+        make_config("tiny", output_dir=str(tmp_path))
+    _one_line(str(error.value))
     config.config_file.write_text('{"steps": 4, "prof')  # cut off mid-write by another tool
     with pytest.warns(UserWarning, match="not valid JSON; starting from the profile's defaults"):
         fresh = make_config("tiny", output_dir=str(tmp_path))
@@ -258,7 +262,10 @@ def _fake_papermill(monkeypatch, behaviour):
     monkeypatch.setattr(papermill, "execute_notebook", behaviour)
 
 
-def test_a_full_disk_ends_with_one_failed_line_and_keeps_the_previous_executed_copy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, said", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the folder is read-only"),
+                                        (errno.EDQUOT, "the disk quota is used up")])
+def test_a_full_or_read_only_disk_ends_with_one_failed_line_and_keeps_the_previous_executed_copy(
+        tmp_path, monkeypatch, code, said):
     notebooks, out = _series(tmp_path / "nbs"), tmp_path / "out"
     executed = out / "executed"
     executed.mkdir(parents=True)
@@ -266,13 +273,13 @@ def test_a_full_disk_ends_with_one_failed_line_and_keeps_the_previous_executed_c
 
     def disk_full(source, target, **kwargs):
         Path(target).write_text('{"cells": [')  # papermill got this far
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, "cannot write")
 
     _fake_papermill(monkeypatch, disk_full)
     stream = io.StringIO()
-    runs, code = hr.run_series(notebooks, str(out), progress=False, stream=stream)
+    runs, exit_code = hr.run_series(notebooks, str(out), progress=False, stream=stream)
     failed = [line for line in stream.getvalue().splitlines() if line.startswith("FAILED")]
-    assert code == 1 and len(failed) == 1 and "the disk is full" in failed[0] and str(executed) in failed[0]
+    assert exit_code == 1 and len(failed) == 1 and said in failed[0] and str(executed) in failed[0]
     assert "MiB free" in failed[0] and "Traceback" not in stream.getvalue()
     assert (executed / "00_a.ipynb").read_text() == '{"previous": "run"}'
     assert sorted(p.name for p in executed.iterdir()) == ["00_a.ipynb"]  # no half-written copy beside it
@@ -433,3 +440,27 @@ def reset_trainer(trainer, start) -> None:
         for p, s in zip(trainer.params, start):
             p.copy_(s)
     trainer.step_count, trainer.loss_history = 0, []
+
+
+def test_a_lora_made_for_another_model_names_the_file(tmp_path, tiny_models):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = _one_subject(tmp_path)
+    ht.run_training(config, models=tiny_models, progress=False)
+    lora = config.lora_path(config.subjects[0]) / ha.LORA_WEIGHTS_FILE
+    state = load_file(lora)
+    state = {k: torch.zeros(v.shape[0], v.shape[1] + 8) if ("lora_A" in k or "lora.down" in k) else v
+             for k, v in state.items()}
+    save_file(state, str(lora))  # the keys of this UNet, the shapes of a bigger one
+    with pytest.raises(ha.MissingLoraError, match=r"pytorch_lora_weights.safetensors cannot be loaded \(its tensor "
+                                                  r"shapes do not fit this model") as error:
+        ha.load_subject_loras(tiny_models, config)
+    _one_line(str(error.value))
+    assert "cat" not in ha.adapter_names(tiny_models)
+
+
+@pytest.mark.parametrize("lora_dir", ["/tmp/elsewhere", "../outside", ""])
+def test_a_lora_folder_outside_the_output_folder_is_refused(lora_dir):
+    with pytest.raises(ValueError, match="must be a folder inside the output folder"):
+        ProjectConfig(subjects=[{"name": "cat", "token": "sks", "class_name": "cat", "lora_dir": lora_dir}])
