@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import CONFIG_FILE, FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
-from .io import load_config, save_config, set_aside
+from .io import load_config, remove_leftover_temp_files, save_config, set_aside
 from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
 from .profiles import subject_token_problem
 
@@ -83,6 +83,8 @@ def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
     config, carried = _config_and_carried(profile, output_dir, overrides)
     if problem := subject_token_problem(config):
         raise ValueError(problem)
+    if removed := remove_leftover_temp_files(config.output_path):  # a Colab disconnect can kill a write halfway
+        print(f"[{notebook}] removed {removed} temp file(s) left by an interrupted run in {config.output_path}")
     save_config(config)
     note = {"tiny": " (random weights: pictures are meaningless, the plumbing is real)",
             "world": " (small models trained on a rendered world: offline, and the scores mean something there)",

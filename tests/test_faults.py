@@ -464,3 +464,12 @@ def test_a_lora_made_for_another_model_names_the_file(tmp_path, tiny_models):
 def test_a_lora_folder_outside_the_output_folder_is_refused(lora_dir):
     with pytest.raises(ValueError, match="must be a folder inside the output folder"):
         ProjectConfig(subjects=[{"name": "cat", "token": "sks", "class_name": "cat", "lora_dir": lora_dir}])
+
+
+def test_a_notebook_start_removes_temp_files_a_killed_write_left(tmp_path, capsys):
+    dead_pid = 2**22 + 54321
+    left = tmp_path / "loras" / "cat" / f".pytorch_lora_weights{hio.TEMP_MARK}{dead_pid}.safetensors"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half")
+    notebook_config("01", {"profile": "tiny", "output_dir": str(tmp_path)})
+    assert not left.exists() and "removed 1 temp file(s)" in capsys.readouterr().out
