@@ -306,16 +306,19 @@ def layout_to_repair(path: Path, subject_names: list[str], width: int, height: i
     """What the designer opens with: the saved layout even when it breaks a rule (the designer shows the problem and
     lets you fix it); the default when the file cannot be read at all or names other subjects. The file itself is
     only replaced when you save."""
-    try:
-        return load_or_default_layout(path, subject_names, width, height)
-    except LayoutError as e:
-        problem = str(e)
+    default = default_layout(subject_names, width, height)
+    if not path.exists():
+        return default, f"no saved layout at {path}: using the default layout (run notebook 02 to design one)"
     try:
         layout = Layout.load(path)
-        if sorted(layout.subjects) == sorted(subject_names) and all(r.shape in SHAPES for r in layout.regions) and all(
-                math.isfinite(v) for r in layout.regions for v in (r.x, r.y, r.w, r.h)):
-            return layout, f"{problem}. Fix it below and save."
-    except LayoutError:
-        pass
-    return (default_layout(subject_names, width, height),
-            f"{problem}; starting from the default layout. Saving replaces the file.")
+    except LayoutError as e:
+        return default, f"{e}; starting from the default layout. Saving replaces the file."
+    try:
+        validate_layout(layout, subject_names)
+        return layout, f"loaded {path}"
+    except LayoutError as e:
+        problem = f"{path}: {e}"
+    if sorted(layout.subjects) == sorted(subject_names) and all(r.shape in SHAPES for r in layout.regions) and all(
+            math.isfinite(v) for r in layout.regions for v in (r.x, r.y, r.w, r.h)):
+        return layout, f"{problem}. Fix it below and save."
+    return default, f"{problem}; starting from the default layout. Saving replaces the file."

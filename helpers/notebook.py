@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import CONFIG_FILE, FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
-from .io import load_config, remove_leftover_temp_files, save_config, set_aside
+from .io import remove_leftover_temp_files, save_config, set_aside
 from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
 from .profiles import subject_token_problem
 
@@ -49,11 +49,11 @@ def _saved_config(path: Path) -> ProjectConfig | None:
     if not path.exists():
         return None
     try:
-        json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         set_aside(path, "not valid JSON; starting from the profile's defaults")
         return None
-    return load_config(path)
+    return ProjectConfig.from_dict(data, source=str(path))
 
 
 DRIVE_OUTPUT = "/content/drive/MyDrive/multisubject-sdxl/output"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,25 +171,21 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
         switch = only_adapter(models, None)
     else:  # raises MissingLoraError when this subject's adapter is not loaded
         switch = (fused_adapter if config.fuse_subject_lora else only_adapter)(models, subject.name)
-    with record_function("pass/adapter-switch"):
-        switch.__enter__()
-    try:
-        with torch.no_grad():
-            adapters_during_pass = active_adapters(models)
-            with record_function("pass/prompt"):
-                if emphasis_weight != 1.0:
-                    text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
-                                                  [subject.token, subject.class_name], emphasis_weight)
-                else:
-                    text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
-            with record_function("pass/inpaint"):
-                latents = models.inpaint(
-                    **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
-                    num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                    generator=models.generator(seed), output_type="latent").images
-    finally:
-        with record_function("pass/adapter-restore"):
-            switch.__exit__(None, None, None)
+    with ExitStack() as during_pass, torch.no_grad():
+        with record_function("pass/adapter-switch"):
+            during_pass.enter_context(switch)
+        adapters_during_pass = active_adapters(models)
+        with record_function("pass/prompt"):
+            if emphasis_weight != 1.0:
+                text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
+                                              [subject.token, subject.class_name], emphasis_weight)
+            else:
+                text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
+        with record_function("pass/inpaint"):
+            latents = models.inpaint(
+                **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
+                num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                generator=models.generator(seed), output_type="latent").images
     with record_function("pass/decode"):
         painted = models.decode(latents)[0]
     with record_function("pass/paste"):

@@ -322,9 +322,10 @@ def subject_token_problem(config) -> str | None:
                     f"{piece[0]}); use a rare token such as 'sks', 'ohwx' or a made-up 3-4 letter word")
     prompts = {"scene_prompt": config.scene_prompt, "subject_prompt_suffix": config.subject_prompt_suffix,
                **{f"extra_scene_prompts[{i}]": p for i, p in enumerate(config.extra_scene_prompts)}}
+    encoded = {field_name: tokenizer.encode(prompt) for field_name, prompt in prompts.items()}
     for s in config.subjects:
         for field_name, prompt in prompts.items():
-            words = tokenizer.encode(prompt)
+            words = encoded[field_name]
             n = len(ids[s.name])
             if any(words[i:i + n] == ids[s.name] for i in range(len(words) - n + 1)):
                 return (f"subject {s.name!r}: token {s.token!r} already occurs in {field_name} ({prompt!r}); the "

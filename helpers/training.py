@@ -7,7 +7,6 @@ diffusers' format, loadable by ``load_lora_weights``, plus ``train_meta.json``).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -412,11 +411,9 @@ def load_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> bool:
                              f"{trainer.config.train_steps} training steps")
         probe = torch.Generator("cpu")
         probe.set_state(rng)
-        optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+        # last: it validates the groups before changing anything, so a refusal leaves the optimizer as it was
         trainer.optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
-        if "optimizer_state" in locals():
-            trainer.optimizer.load_state_dict(optimizer_state)
         set_aside(path, f"damaged training checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         f"training starts from step 0")
         return False
