@@ -2,14 +2,14 @@
 
 Stage order (a module imports only from modules before it; ``tests/test_structure.py`` checks it):
 
-    config -> io -> world -> profiles -> models -> notebook -> data -> adapters -> layout -> designer
-    -> training -> pipeline -> scoring -> qa -> evaluation -> figures -> run -> world_train -> world_eval
+    config -> prompts -> io -> world -> profiles -> models -> notebook -> data -> adapters -> layout -> designer
+    -> training -> pipeline -> scoring -> measures -> qa -> evaluation -> figures -> run -> world_train -> world_eval
 
-``config`` is plain data; ``io`` writes files atomically; ``world`` renders the offline world; ``profiles`` says where each profile's weights come from and
+``config`` is plain data; ``prompts`` derives every prompt of a run from the one scene prompt; ``io`` writes files atomically; ``world`` renders the offline world; ``profiles`` says where each profile's weights come from and
 ``models`` loads them into one bundle of pipelines with the NaN-guarded decode; ``notebook`` builds the config a
 notebook runs with; ``data`` reads subject photos; ``adapters`` switches subject LoRAs and owns the one
 text-to-image call; ``layout`` (+ ``designer``, its ipywidgets UI) says where each subject goes; ``training`` makes
-the LoRAs; ``pipeline`` runs coarse-to-fine; ``scoring`` turns pictures into numbers; ``qa`` refines failing
+the LoRAs; ``pipeline`` runs coarse-to-fine; ``scoring`` turns pictures into numbers; ``measures`` says where (a subject's own pixels) and judges class presence, ghosts and split-world; ``qa`` refines failing
 subjects; ``evaluation`` compares methods; ``figures`` plots and writes the report; ``run`` executes the notebooks;
 ``world_train`` trains the world's models on a GPU and ``world_eval`` measures them.
 

@@ -1,56 +1,112 @@
-"""Metrics over generated images: CLIP-I / CLIP-T (/ DINO) per subject, the region x subject leakage matrix, the
-outside-mask invariant, and the baseline / ours / ours+QA experiment over seeds and prompts. Scores come from
-``scoring``; the QA loop is run through its public ``qa_loop``.
+"""A fair comparison of the baseline, ours and ours+QA: every method gets the same scene and seed, every subject is
+measured on its own pixels, the seed's claims are metrics, and ours is reported as a paired difference to the baseline
+with a 95 % interval.
+
+A run is one (scene, seed): the baseline (one generation with all LoRAs, the scene prompt with every token), ours
+(``coarse_to_fine``) and ours+QA (its ``qa_loop``). Each run is written to its own file, so an interrupted evaluation
+continues where it stopped. Scores come from ``scoring``, where they are taken from ``measures``; the QA loop is
+run through its public ``qa_loop``.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from .config import ProjectConfig
-from .io import write_text_atomic
-from .layout import Layout, MaskSet
+from .io import save_image_atomic, write_json_atomic, write_text_atomic
+from .layout import Layout, MaskSet, masks
+from .measures import class_present, find_ghosts, own_crops, own_pixels, split_world, split_world_distance
 from .models import ModelBundle
-from .pipeline import GenerationResult, coarse_to_fine, one_pass_baseline
-from .qa import QAOutcome, qa_loop, subject_thresholds
+from .pipeline import coarse_to_fine, one_pass_baseline
+from .profiles import light_judge
+from .prompts import config_scene_prompts, evaluation_scenes
+from .qa import qa_loop, subject_thresholds
 from .scoring import ClipScorer
 
 METHODS = ("baseline", "ours", "ours+qa")
+REFERENCE_METHOD = "baseline"
+
+# Every metric of the report, in one sentence; "↑"/"↓": which way is better.
+METRICS: dict[str, tuple[str, str]] = {
+    "identity": ("↑", "CLIP-I of the subject's own pixels (its region without its neighbours') vs its photos."),
+    "class_presence": ("↑", "the object located in the subject's own pixels is named as the subject's class."),
+    "leak": ("↓", "another subject's photos match the subject's own pixels better than its own photos do."),
+    "ghost": ("↓", "an object of a subject's class appears outside every region (per image)."),
+    "split_world": ("↓", "the background along the inside of the region is not the scene's just outside it "
+                         "(median colours more than 30 RGB levels apart)."),
+    "light_error": ("↓", "the light the subject's known colour shows differs from the light the scene names "
+                         "(world only: it knows its subjects' true colours)."),
+    "faded": ("↓", "the subject's identity is below its QA threshold in the final picture."),
+    "dino": ("↑", "DINOv2 similarity of the subject's own pixels to its photos (where a DINO model is available)."),
+    "scene_prompt_score": ("↑", "CLIP-T of the whole picture vs the scene prompt (Phase 0's prompt)."),
+    "seconds": ("↓", "wall-clock seconds to make the picture (ours+QA: ours plus the loop)."),
+}
+WORLD_ONLY = ("light_error",)
 
 
-def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return a @ b.T
+# ----------------------------------------------------------------------------------------------------------------
+# judging one picture
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Judges:
+    """Everything that measures a picture, built once per evaluation: the scorer, each subject's QA threshold, the
+    class vocabulary, the profile's light judge (None where the subjects' colours are unknown) and DINO (or None)."""
+
+    scorer: ClipScorer
+    thresholds: dict[str, float]
+    classes: list[str]
+    light: object | None = None
+    dino: object | None = None
+
+    @classmethod
+    def for_config(cls, config: ProjectConfig, scorer: ClipScorer, dino=None) -> Judges:
+        return cls(scorer, subject_thresholds(scorer, config), config.presence_classes(), light_judge(config), dino)
+
+    def skipped(self) -> list[str]:
+        """Metrics this profile cannot compute, for the report."""
+        return [m for m, missing in (("light_error", self.light is None), ("dino", self.dino is None)) if missing]
 
 
-def leakage_matrix_from_embeddings(crops: dict[str, np.ndarray], references: dict[str, np.ndarray]) -> np.ndarray:
-    """M[i, j] = mean cosine between region i's crop embedding(s) and subject j's reference embeddings."""
-    return np.array([[float(cosine_matrix(np.atleast_2d(c), np.atleast_2d(r)).mean()) for r in references.values()]
-                     for c in crops.values()])
-
-
-def region_crops(image: Image.Image, masks_: MaskSet, names: list[str], margin: float) -> dict[str, Image.Image]:
-    return {n: image.crop(masks_.crop_box(n, margin)) for n in names}
-
-
-def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, names: list[str],
-                   margin: float) -> np.ndarray:
-    """Rows: the region meant for subject i; columns: similarity to subject j's references. A healthy image has its
-    largest value of every row on the diagonal."""
-    return _leakage_of_crops(scorer, region_crops(image, masks_, names, margin))
-
-
-def _leakage_of_crops(scorer: ClipScorer, crops: dict[str, Image.Image]) -> np.ndarray:
-    crop_emb = {n: scorer.embed_images([c]).cpu().numpy() for n, c in crops.items()}
-    ref_emb = {n: scorer.reference_embeddings(n).cpu().numpy() for n in crops}
-    return leakage_matrix_from_embeddings(crop_emb, ref_emb)
+def judge_picture(judges: Judges, image: Image.Image, masks_: MaskSet, config: ProjectConfig,
+                  scene_prompt: str) -> tuple[list[dict], list]:
+    """One row per subject with every region metric and the picture's ghosts (also returned, for the figures)."""
+    names = config.subject_names
+    scorer = judges.scorer
+    crops = own_crops(image, masks_, names)
+    ghosts = find_ghosts(scorer, image, masks_, [s.class_name for s in config.subjects], judges.classes)
+    scene_score = scorer.prompt_score(image, config_scene_prompts(config, scene_prompt).phase0)
+    pixels = np.asarray(image.convert("RGB"))
+    rows = []
+    for subject in config.subjects:
+        row_scores = scorer.leakage_row(crops[subject.name], subject.name)
+        identity = row_scores[subject.name]
+        rivals = {n: v for n, v in row_scores.items() if n != subject.name}
+        row = {"subject": subject.name, "identity": identity,
+               "rival": max(rivals.values()) if rivals else float("nan"),
+               "leak": float(max(rivals.values()) > identity) if rivals else float("nan"),
+               "class_presence": float(class_present(scorer, crops[subject.name], subject.class_name,
+                                                     judges.classes)),
+               "ghost": float(bool(ghosts)), "ghost_count": len(ghosts),
+               "split_world": split_world(image, masks_, subject.name),
+               "split_distance": split_world_distance(image, masks_, subject.name),
+               "light_error": (judges.light.light_error(pixels[own_pixels(masks_, subject.name)], subject.name,
+                                                        scene_prompt) if judges.light else float("nan")),
+               "faded": float(identity < judges.thresholds[subject.name]),
+               "scene_prompt_score": scene_score}
+        if judges.dino is not None:
+            row["dino"] = judges.dino.identity(crops[subject.name], subject.name)
+        rows.append(row)
+    return rows, ghosts
 
 
 def outside_mask_max_diff(image: Image.Image, coarse: Image.Image, masks_: MaskSet) -> int:
@@ -60,129 +116,284 @@ def outside_mask_max_diff(image: Image.Image, coarse: Image.Image, masks_: MaskS
     return int(np.abs(a - b)[outside].max()) if outside.any() else 0
 
 
-def tint(pixels: np.ndarray) -> float:
-    """Warm (> 0) or cool (< 0) cast of some pixels: (mean red - mean blue) / mean brightness."""
-    mean = pixels.reshape(-1, 3).astype(np.float64).mean(axis=0)
-    return float((mean[0] - mean[2]) / max(mean.sum() / 3, 1e-6))
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return a @ b.T
 
 
-def light_gap(image: Image.Image, masks_: MaskSet, subject: str) -> float:
-    """How far the colour cast inside a subject's region is from the cast of the scene outside every region (a
-    proxy for "lit by the same light"; the subject's own colours count in it, so compare methods, not values)."""
-    pixels = np.asarray(image)
-    outside = ~np.logical_or.reduce(list(masks_.support.values()))
-    return abs(tint(pixels[masks_.support[subject]]) - tint(pixels[outside])) if outside.any() else float("nan")
+def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, names: list[str]) -> np.ndarray:
+    """Rows: each subject's own pixels; columns: similarity to subject j's photos. A healthy picture has the
+    largest value of every row on the diagonal."""
+    crops = own_crops(image, masks_, names)
+    return np.array([[scorer.leakage_row(crops[r], r)[c] for c in names] for r in names])
 
 
-def image_metrics(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, config: ProjectConfig,
-                  scene_prompt: str, dino=None) -> list[dict]:
-    """Per subject: CLIP-I, CLIP-T of the crop vs its class prompt, the strongest rival's similarity, and the
-    whole image's CLIP-T vs the scene prompt (DINO too when a DINO scorer is given)."""
-    names = config.subject_names
-    crops = region_crops(image, masks_, names, config.region_margin)
-    matrix = _leakage_of_crops(scorer, crops)
-    scene_score = scorer.prompt_score(image, scene_prompt)
-    rows = []
-    for i, subject in enumerate(config.subjects):
-        rivals = [matrix[i, j] for j in range(len(names)) if j != i]
-        best_rival = float(max(rivals)) if rivals else float("nan")
-        row = {"subject": subject.name, "clip_i": float(matrix[i, i]),
-               "clip_t": scorer.prompt_score(crops[subject.name], subject.class_prompt),
-               "leak_max_other": best_rival, "leaked": float(best_rival > matrix[i, i]) if rivals else float("nan"),
-               "light_gap": light_gap(image, masks_, subject.name), "clip_t_scene": scene_score}
-        if dino is not None:
-            row["dino"] = dino.identity(crops[subject.name], subject.name)
-        rows.append(row)
-    return rows
+# ----------------------------------------------------------------------------------------------------------------
+# runs: one (scene, seed), every method, one file each
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    scene_index: int
+    scene: str
+    seed: int
+    rows: list[dict]
+    ghosts: dict[str, list[list[int]]] = field(default_factory=dict)  # method -> ghost boxes
+    prompts: dict[str, object] = field(default_factory=dict)
+    qa: dict[str, object] = field(default_factory=dict)  # the loop's thresholds, decisions and per-subject summary
+
+    def to_dict(self, fingerprint: str) -> dict:
+        return {"fingerprint": fingerprint, "scene_index": self.scene_index, "scene": self.scene, "seed": self.seed,
+                "rows": self.rows, "ghosts": self.ghosts, "prompts": self.prompts, "qa": self.qa}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Run:
+        return cls(data["scene_index"], data["scene"], data["seed"], data["rows"], data.get("ghosts", {}),
+                   data.get("prompts", {}), data.get("qa", {}))
+
+    @property
+    def name(self) -> str:
+        return f"scene{self.scene_index}_seed{self.seed}"
+
+
+IMAGES_OF_A_RUN = ("baseline", "coarse", "ours", "ours+qa")
+
+
+def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, scene_index: int,
+                 scene: str, seed: int, folder: Path | None = None) -> Run:
+    """Baseline, ours and ours+QA on one (scene, seed), judged alike; the pictures (and ours' stages) go to
+    ``folder/<run name>/`` when a folder is given."""
+    prompts = config_scene_prompts(config, scene)
+    t0 = time.perf_counter()
+    baseline = one_pass_baseline(models, config, seed=seed, scene_prompt=scene)
+    t_base = time.perf_counter() - t0
+    result = coarse_to_fine(models, config, layout, scene, seed)
+    outcome = qa_loop(models, result, config, judges.scorer, judges.thresholds)
+    pictures = {"baseline": (baseline, t_base), "ours": (result.final, result.seconds["total"]),
+                "ours+qa": (outcome.final, result.seconds["total"] + outcome.seconds)}
+    run = Run(scene_index, scene, seed, [], prompts={"phase0": prompts.phase0, "baseline": prompts.baseline,
+                                                     "passes": prompts.passes},
+              qa={"thresholds": outcome.thresholds, "log": outcome.log,
+                  "ablation": [{"scene_index": scene_index, "seed": seed, **a} for a in outcome.ablation_rows()]})
+    for method, (image, seconds) in pictures.items():
+        rows, ghosts = judge_picture(judges, image, result.masks, config, scene)
+        outside = outside_mask_max_diff(image, result.coarse, result.masks) if method != "baseline" else float("nan")
+        run.ghosts[method] = [list(g.box) for g in ghosts]
+        for row in rows:
+            run.rows.append({"method": method, "scene_index": scene_index, "scene": scene, "seed": seed, **row,
+                             "seconds": seconds, "outside_max_diff": outside})
+    if folder is not None:
+        target = Path(folder) / run.name
+        images = {"baseline": baseline, "coarse": result.coarse, "ours": result.final, "ours+qa": outcome.final}
+        images.update({f"stage_{i + 1}_{p.subject}": stage for i, (p, stage) in
+                       enumerate(zip(result.passes, result.stages))})
+        for label, image in images.items():
+            save_image_atomic(image, target / f"{label.replace('+', '_')}.png")
+    return run
+
+
+def evaluation_fingerprint(config: ProjectConfig, layout: Layout) -> str:
+    """What a stored run must have been made with to be reused: every setting but paths and evaluation counts, the
+    layout, and each subject's LoRA file."""
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in ("output_dir", "cache_dir", "eval_seeds", "eval_prompts", "extra_scene_prompts")}
+    digest = hashlib.sha256(json.dumps([settings, layout.to_dict()], sort_keys=True, default=str).encode())
+    for subject in config.subjects:
+        lora = config.lora_path(subject) / "pytorch_lora_weights.safetensors"
+        digest.update(lora.read_bytes() if lora.exists() else b"no lora")
+    return digest.hexdigest()[:16]
 
 
 @dataclass
-class Experiments:
-    """Metric rows, QA ablation rows, and the images of the first (prompt, seed) for the figures."""
+class Evaluation:
+    runs: list[Run]
+    folder: Path
+    reused: int = 0
 
-    rows: list[dict]
-    ablation: list[dict]
-    first_baseline: Image.Image
-    first_result: GenerationResult
-    first_qa: QAOutcome
+    @property
+    def rows(self) -> list[dict]:
+        return [row for run in self.runs for row in run.rows]
+
+    @property
+    def qa_ablation(self) -> list[dict]:
+        return [row for run in self.runs for row in run.qa.get("ablation", [])]
 
 
-def run_experiments(models: ModelBundle, config: ProjectConfig, layout: Layout, scorer: ClipScorer,
-                    prompts: list[str], seeds: list[int], dino=None) -> Experiments:
-    """Baseline vs ours vs ours+QA for every (prompt, seed)."""
-    thresholds = subject_thresholds(scorer, config)
-    rows, ablation, first = [], [], None
-    for prompt in prompts:
+def run_evaluation(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, folder: Path,
+                   scenes: list[str] | None = None, seeds: list[int] | None = None,
+                   progress: Callable[[str], None] | None = print) -> Evaluation:
+    """Every (scene, seed): a stored run made with the same settings, layout and LoRAs is read back, any other is
+    made and written at once (``folder/runs/<run>.json`` + its pictures), so an interrupted evaluation continues."""
+    scenes = scenes or evaluation_scenes(config)
+    seeds = seeds or [config.eval_seed_start + i for i in range(config.eval_seeds)]
+    fingerprint = evaluation_fingerprint(config, layout)
+    runs_dir = Path(folder) / "runs"
+    runs, reused, start = [], 0, time.perf_counter()
+    total = len(scenes) * len(seeds)
+    for scene_index, scene in enumerate(scenes):
         for seed in seeds:
-            t0 = time.perf_counter()
-            baseline = one_pass_baseline(models, config, seed=seed)
-            t_base = time.perf_counter() - t0
-            result: GenerationResult = coarse_to_fine(models, config, layout, prompt, seed)
-            outcome = qa_loop(models, result, config, scorer, thresholds)
-            images = {"baseline": (baseline, t_base), "ours": (result.final, result.seconds["total"]),
-                      "ours+qa": (outcome.final, result.seconds["total"] + outcome.seconds)}
-            for method, (image, seconds) in images.items():
-                for row in image_metrics(scorer, image, result.masks, config, prompt, dino):
-                    outside = outside_mask_max_diff(image, result.coarse, result.masks) if method != "baseline" \
-                        else float("nan")
-                    rows.append({"method": method, "prompt": prompt, "seed": seed, **row,
-                                 "outside_max_diff": outside, "seconds": seconds})
-            for a in outcome.ablation_rows():
-                ablation.append({"prompt": prompt, "seed": seed, **a})
-            first = first or (baseline, result, outcome)
-    return Experiments(rows, ablation, *first)
+            path = runs_dir / f"scene{scene_index}_seed{seed}.json"
+            stored = _stored_run(path, fingerprint, scene)
+            if stored is not None:
+                runs.append(stored)
+                reused += 1
+                continue
+            run = evaluate_run(models, config, layout, judges, scene_index, scene, seed, runs_dir)
+            write_json_atomic(path, run.to_dict(fingerprint))
+            runs.append(run)
+            if progress:
+                done = len(runs)
+                made = done - reused
+                eta = (time.perf_counter() - start) / made * (total - done)
+                progress(f"run {done}/{total} ({scene!r}, seed {seed}) done; ~{eta:.0f} s left")
+    if progress and reused:
+        progress(f"{reused} of {total} runs read back from {runs_dir} (same settings, layout and LoRAs)")
+    return Evaluation(runs, Path(folder), reused)
 
 
-SUMMARY_METRICS = ("clip_i", "clip_t", "leak_max_other", "leaked", "light_gap", "seconds")
+def _stored_run(path: Path, fingerprint: str, scene: str) -> Run | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a damaged file is made again (and replaced atomically)
+    if data.get("fingerprint") != fingerprint or data.get("scene") != scene:
+        return None
+    return Run.from_dict(data)
 
 
-def summarize(rows: list[dict], metrics: tuple[str, ...] = SUMMARY_METRICS) -> list[dict]:
-    """Per method (over subjects, seeds and prompts): mean, standard deviation and the half-width of a 95 % interval
-    of the mean (normal approximation, 1.96 s / sqrt(n)); DINO too when it was measured; the runs counted; and the
-    largest pixel change outside the masks (the invariant; nan for the baseline, which has no coarse scene)."""
-    if any("dino" in r for r in rows):
-        metrics = (*metrics, "dino")
+def load_runs(folder: Path) -> list[Run]:
+    """Every stored run under ``folder/runs`` (for figures made after the fact)."""
+    runs = []
+    for path in sorted((Path(folder) / "runs").glob("scene*_seed*.json")):
+        runs.append(Run.from_dict(json.loads(path.read_text())))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------------------------
+def report_metrics(rows: list[dict]) -> list[str]:
+    """The metrics present in ``rows`` (a metric no row measured, e.g. DINO offline, is left out)."""
+    return [m for m in METRICS if any(m in r and np.isfinite(float(r[m])) for r in rows)]
+
+
+def per_image(rows: list[dict], metrics: list[str]) -> dict[tuple, dict[str, float]]:
+    """(method, scene_index, seed) -> each metric's mean over that picture's subjects: pictures, not regions, are
+    the independent units (two subjects of one picture share its seed and scene)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["scene_index"], r["seed"]), []).append(r)
+    out = {}
+    for key, group in groups.items():
+        out[key] = {}
+        for m in metrics:
+            values = np.array([float(r.get(m, np.nan)) for r in group], float)
+            values = values[np.isfinite(values)]
+            out[key][m] = float(values.mean()) if len(values) else float("nan")
+    return out
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float, int]:
+    """Mean, half-width of its 95 % interval (Student t) and n, over the finite values."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(values[0]), float("nan"), 1
+    from scipy.stats import t
+
+    return float(values.mean()), float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)), n
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: each metric's mean over pictures with its 95 % interval, the pictures and regions counted, and
+    the largest pixel change outside the masks (the invariant; nan for the baseline, which has no coarse scene)."""
+    metrics = report_metrics(rows)
+    images = per_image(rows, metrics)
     out = []
     for method in METHODS:
-        sel = [r for r in rows if r["method"] == method]
-        if not sel:
+        keys = [k for k in images if k[0] == method]
+        if not keys:
             continue
-        entry = {"method": method, "n": len(sel), "runs": len({(r.get("prompt"), r.get("seed")) for r in sel})}
+        entry = {"method": method, "pictures": len(keys), "regions": sum(r["method"] == method for r in rows)}
         for m in metrics:
-            values = np.array([r[m] for r in sel if m in r], dtype=float)
-            values = values[np.isfinite(values)]
-            mean = float(values.mean()) if len(values) else float("nan")
-            std = float(values.std()) if len(values) else float("nan")
-            entry[f"{m}_mean"], entry[f"{m}_std"] = mean, std
-            entry[f"{m}_ci95"] = 1.96 * std / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-        outside = [r["outside_max_diff"] for r in sel if "outside_max_diff" in r]
+            entry[f"{m}_mean"], entry[f"{m}_ci95"], _ = mean_interval(np.array([images[k][m] for k in keys]))
+        outside = [r["outside_max_diff"] for r in rows if r["method"] == method and "outside_max_diff" in r]
         entry["outside_max_diff"] = float(np.nanmax(outside)) if outside and np.isfinite(outside).any() \
             else float("nan")
         out.append(entry)
     return out
 
 
-SUMMARY_COLUMNS = {"clip_i": "identity (CLIP-I)", "clip_t": "prompt (CLIP-T)", "leak_max_other": "best rival",
-                   "leaked": "leak rate", "light_gap": "light gap", "seconds": "seconds"}
+def paired_differences(rows: list[dict], reference: str = REFERENCE_METHOD) -> list[dict]:
+    """For every other method and metric: the mean over pictures of (method − reference) on the same (scene, seed),
+    the half-width of its 95 % interval and the number of pairs."""
+    metrics = report_metrics(rows)
+    images = per_image(rows, metrics)
+    out = []
+    for method in METHODS:
+        if method == reference or not any(k[0] == method for k in images):
+            continue
+        entry = {"method": method}
+        for m in metrics:
+            diffs = [images[k][m] - images[(reference, *k[1:])][m] for k in images
+                     if k[0] == method and (reference, *k[1:]) in images]
+            entry[f"{m}_diff"], entry[f"{m}_ci95"], entry[f"{m}_n"] = mean_interval(np.array(diffs))
+        out.append(entry)
+    return out
+
+
+def _fmt(mean: float, half: float, signed: bool = False) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{text} ± {half:.3f}" if np.isfinite(half) else text
 
 
 def summary_table(summary: list[dict]) -> str:
-    """The summary as "mean ± 95 % half-width" per metric, one row per method (markdown)."""
+    """Per method: every metric as "mean ± 95 % half-width" over pictures (markdown)."""
     rows = []
     for entry in summary:
-        row = {"method": entry["method"], "runs": entry["runs"], "regions": entry["n"]}
-        for metric, title in SUMMARY_COLUMNS.items():
-            row[title] = f"{entry[f'{metric}_mean']:.3f} ± {entry[f'{metric}_ci95']:.3f}"
-        if "dino_mean" in entry:
-            row["DINO"] = f"{entry['dino_mean']:.3f} ± {entry['dino_ci95']:.3f}"
-        row["outside-mask max diff"] = "-" if np.isnan(entry["outside_max_diff"]) else int(entry["outside_max_diff"])
+        row = {"method": entry["method"], "pictures": entry["pictures"]}
+        for m, (better, _) in METRICS.items():
+            if f"{m}_mean" in entry:
+                row[f"{m} {better}"] = _fmt(entry[f"{m}_mean"], entry[f"{m}_ci95"])
+        row["outside-mask max diff"] = "–" if np.isnan(entry["outside_max_diff"]) else int(entry["outside_max_diff"])
         rows.append(row)
     return markdown_table(rows)
 
 
+def paired_table(paired: list[dict], reference: str = REFERENCE_METHOD) -> str:
+    """Per method: every metric's paired difference to the reference, "Δ ± 95 % half-width (n pairs)"."""
+    rows = []
+    for entry in paired:
+        row = {"method": f"{entry['method']} − {reference}"}
+        for m, (better, _) in METRICS.items():
+            if f"{m}_diff" in entry:
+                row[f"Δ {m} {better}"] = f"{_fmt(entry[f'{m}_diff'], entry[f'{m}_ci95'], True)} (n={entry[f'{m}_n']})"
+        rows.append(row)
+    return markdown_table(rows)
+
+
+def metric_definitions(judges: Judges | None = None) -> list[str]:
+    """One sentence per metric, and what this profile skipped."""
+    lines = [f"{m} ({better}): {text}" for m, (better, text) in METRICS.items()]
+    if judges is not None and judges.skipped():
+        lines.append(f"not measured on this profile: {', '.join(judges.skipped())}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables and files
+# ----------------------------------------------------------------------------------------------------------------
 def write_csv(rows: list[dict], path: Path) -> Path:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
@@ -202,13 +413,11 @@ def markdown_table(rows: list[dict], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def experiment_prompts(config: ProjectConfig) -> list[str]:
-    """The scene prompt, then the config's extra scenes, ``eval_prompts`` of them in all."""
-    classes = " and ".join(f"a {s.class_name}" for s in config.subjects)
-    variants = [config.scene_prompt, *(p.format(subjects=classes) for p in config.extra_scene_prompts)]
-    return variants[:config.eval_prompts]
+def run_masks(config: ProjectConfig, layout: Layout) -> MaskSet:
+    return masks(layout, config.resolution, config.resolution, config.effective_feather_px)
 
 
-__all__ = ["Experiments", "cosine_matrix", "leakage_matrix", "leakage_matrix_from_embeddings", "outside_mask_max_diff",
-           "image_metrics", "run_experiments", "summarize", "summary_table", "write_csv", "markdown_table",
-           "experiment_prompts", "light_gap", "tint"]
+__all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "cosine_matrix",
+           "leakage_matrix", "Run", "evaluate_run", "run_evaluation", "load_runs", "Evaluation", "summarize",
+           "paired_differences", "summary_table", "paired_table", "metric_definitions", "write_csv",
+           "markdown_table", "per_image", "mean_interval", "run_masks"]

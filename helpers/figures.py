@@ -8,10 +8,12 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from .config import ProjectConfig
-from .evaluation import Experiments, leakage_matrix
+from .evaluation import (METRICS, Evaluation, Judges, Run, leakage_matrix, metric_definitions, paired_differences,
+                         paired_table, run_masks, summarize, summary_table, write_csv)
 from .io import atomic_path, write_text_atomic
 from .layout import SUBJECT_COLORS as COLORS
 from .layout import Layout, MaskSet
@@ -105,41 +107,157 @@ def qa_trace(log: list[dict], thresholds: dict[str, float]) -> plt.Figure:
 
 
 def score_bars(summary_rows: list[dict],
-               metrics: tuple[str, ...] = ("clip_i", "clip_t", "leak_max_other", "leaked", "light_gap")) -> plt.Figure:
+               metrics: tuple[str, ...] = ("identity", "class_presence", "leak", "ghost", "split_world")) -> plt.Figure:
     """Mean per method for each metric, with the 95 % interval of the mean as error bars."""
+    metrics = tuple(m for m in metrics if summary_rows and f"{m}_mean" in summary_rows[0])
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         methods = [r["method"] for r in summary_rows]
-        ax.bar(methods, [r[f"{metric}_mean"] for r in summary_rows], yerr=[r[f"{metric}_ci95"] for r in summary_rows],
-               color=COLORS[:len(methods)], capsize=4)
+        ax.bar(methods, [r[f"{metric}_mean"] for r in summary_rows],
+               yerr=[np.nan_to_num(r[f"{metric}_ci95"]) for r in summary_rows], color=COLORS[:len(methods)], capsize=4)
         ax.set_title(metric)
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     return fig
 
 
+def paired_bars(paired: list[dict]) -> plt.Figure:
+    """Each method's paired difference to the baseline per metric, with its 95 % interval (0: no difference)."""
+    metrics = [m for m in METRICS if paired and f"{m}_diff" in paired[0] and m != "seconds"]
+    fig, ax = plt.subplots(figsize=(1.1 * len(metrics) * max(1, len(paired)) + 2, 3.2))
+    width = 0.8 / max(1, len(paired))
+    for i, entry in enumerate(paired):
+        xs = np.arange(len(metrics)) + i * width
+        ax.bar(xs, [entry[f"{m}_diff"] for m in metrics], width,
+               yerr=[np.nan_to_num(entry[f"{m}_ci95"]) for m in metrics], capsize=3, label=entry["method"],
+               color=COLORS[(i + 1) % len(COLORS)])
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(paired) - 1) / 2,
+                  [f"{m} {METRICS[m][0]}" for m in metrics], rotation=20)
+    ax.set_title("paired difference to the baseline (same scene and seed), 95 % interval")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+GHOST_COLOR = (255, 30, 30)
+
+
+def outlined(image: Image.Image, masks_: MaskSet, names: list[str], ghosts: list[list[int]] = (),
+             scale: int = 2) -> Image.Image:
+    """The picture (enlarged ``scale`` times) with every region's edge in its subject's colour and every ghost
+    object boxed in red."""
+    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pixels = np.array(big)
+    for i, name in enumerate(names):
+        support = np.kron(masks_.support[name], np.ones((scale, scale), bool))
+        edge = support & ~ndimage.binary_erosion(support, iterations=max(1, scale))
+        pixels[edge] = np.array(matplotlib.colors.to_rgb(COLORS[i % len(COLORS)])) * 255
+    out = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(out)
+    for x0, y0, x1, y1 in ghosts:
+        draw.rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1), outline=GHOST_COLOR, width=scale)
+    return out
+
+
+RUN_PICTURES = {"baseline": "baseline", "coarse": "Phase 0", "ours": "ours", "ours_qa": "ours+QA"}
+
+
+def figure_runs(runs: list[Run], count: int = 4) -> list[Run]:
+    """``count`` runs for the figures: each scene's first seed, then the next seeds, scene by scene."""
+    by_scene: dict[int, list[Run]] = {}
+    for run in runs:
+        by_scene.setdefault(run.scene_index, []).append(run)
+    chosen = []
+    for rank in range(max((len(v) for v in by_scene.values()), default=0)):
+        chosen += [group[rank] for group in by_scene.values() if rank < len(group)]
+    return chosen[:count]
+
+
+def methods_grid(runs: list[Run], runs_dir: Path, masks_: MaskSet, names: list[str]) -> plt.Figure:
+    """One row per (scene, seed): baseline | Phase 0 | ours | ours+QA, regions outlined, ghosts boxed in red."""
+    ghost_key = {"baseline": "baseline", "coarse": None, "ours": "ours", "ours_qa": "ours+qa"}
+    images, titles = [], []
+    for run in runs:
+        for label, title in RUN_PICTURES.items():
+            picture = Image.open(Path(runs_dir) / run.name / f"{label}.png")
+            images.append(outlined(picture, masks_, names, run.ghosts.get(ghost_key[label]) or []))
+            ghosts = len(run.ghosts.get(ghost_key[label]) or []) if ghost_key[label] else None
+            note = f", {ghosts} ghost(s)" if ghosts else ""
+            titles.append(f"{title}{note}\nscene {run.scene_index}, seed {run.seed}")
+    return image_grid(images, titles, cols=len(RUN_PICTURES))
+
+
+def stages_figure(run: Run, runs_dir: Path, masks_: MaskSet, names: list[str]) -> plt.Figure:
+    """Phase 0, the picture after each subject's pass, and after the QA loop, regions outlined."""
+    folder = Path(runs_dir) / run.name
+    labels = ["coarse", *(p.stem for p in sorted(folder.glob("stage_*.png"))), "ours_qa"]
+    titles = ["Phase 0"] + [f"+ {label.split('_', 2)[2]}" for label in labels[1:-1]] + ["after QA"]
+    images = [outlined(Image.open(folder / f"{label}.png"), masks_, names) for label in labels]
+    return image_grid(images, titles)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------------
-def report_figures(experiments: Experiments, summary: list[dict], layout: Layout, scorer: ClipScorer,
-                   config: ProjectConfig, loss_histories: dict[str, list[float]], folder: Path) -> dict[str, Path]:
-    """Every figure of the report, saved under ``folder``, by title: the first run's baseline | ours | ours+QA,
-    its masks, the score bars, its QA trace, a leakage heatmap per method, and the loss curves when recorded."""
-    first, qa_first, baseline = experiments.first_result, experiments.first_qa, experiments.first_baseline
+def report_figures(evaluation: Evaluation, summary: list[dict], paired: list[dict], layout: Layout,
+                   scorer: ClipScorer, config: ProjectConfig, loss_histories: dict[str, list[float]],
+                   folder: Path) -> dict[str, Path]:
+    """Every figure of the report, saved under ``folder``, by title: every method's picture for four (scene, seed)
+    pairs, the stages of the first, the paired differences and the means, the first run's QA trace, a leakage
+    heatmap of its baseline and ours+QA, and the loss curves when recorded."""
+    runs_dir = evaluation.folder / "runs"
+    masks_ = run_masks(config, layout)
+    names = config.subject_names
+    shown = figure_runs(evaluation.runs)
+    first = shown[0]
     figures = {
-        "Baseline | ours | ours+QA": (image_grid([baseline, first.final, qa_first.final],
-                                                 ["baseline", "ours", "ours+QA"]), "side_by_side.png"),
-        "Layout masks": (mask_overlay(first.coarse, first.masks, layout), "masks.png"),
-        "Scores (mean and 95 % interval over seeds, prompts, subjects)": (score_bars(summary), "score_bars.png"),
-        "QA trace": (qa_trace(qa_first.log, qa_first.thresholds), "qa_trace.png"),
+        "Every method on the same scenes and seeds (regions outlined, ghosts boxed in red)":
+            (methods_grid(shown, runs_dir, masks_, names), "methods_grid.png"),
+        "Stages of the first run": (stages_figure(first, runs_dir, masks_, names), "stages.png"),
+        "Paired difference to the baseline (95 % interval)": (paired_bars(paired), "paired_differences.png"),
+        "Means per method (95 % interval over pictures)": (score_bars(summary), "score_bars.png"),
+        "Layout masks": (mask_overlay(Image.open(runs_dir / first.name / "coarse.png"), masks_, layout), "masks.png"),
     }
-    for method, image in {"baseline": baseline, "ours+QA": qa_first.final}.items():
-        matrix = leakage_matrix(scorer, image, first.masks, config.subject_names, config.region_margin)
-        figures[f"Leakage: {method}"] = (leakage_heatmap(matrix, config.subject_names, f"leakage, {method}"),
-                                         f"leakage_{method.replace('+', '_')}.png")
+    if first.qa.get("log"):
+        figures["QA trace of the first run"] = (qa_trace(first.qa["log"], first.qa["thresholds"]), "qa_trace.png")
+    for label, title in (("baseline", "baseline"), ("ours_qa", "ours+QA")):
+        matrix = leakage_matrix(scorer, Image.open(runs_dir / first.name / f"{label}.png"), masks_, names)
+        figures[f"Leakage: {title}"] = (leakage_heatmap(matrix, names, f"leakage, {title} (own pixels)"),
+                                        f"leakage_{label}.png")
     if loss_histories and all(loss_histories.values()):
         figures["Training loss"] = (loss_curves(loss_histories), "loss_curves.png")
     return {title: save_figure(fig, Path(folder) / name) for title, (fig, name) in figures.items()}
+
+
+def write_evaluation_report(evaluation: Evaluation, judges: Judges, layout: Layout, config: ProjectConfig,
+                            loss_histories: dict[str, list[float]], report_dir: Path) -> dict[str, object]:
+    """``metrics.csv`` (one row per method, run and subject; one column per metric), ``qa_ablation.csv``, the
+    figures and the report page; returns the summary, the paired differences and the paths."""
+    rows = evaluation.rows
+    write_csv(rows, report_dir / "metrics.csv")
+    if evaluation.qa_ablation:
+        write_csv(evaluation.qa_ablation, report_dir / "qa_ablation.csv")
+    summary, paired = summarize(rows), paired_differences(rows)
+    figures = report_figures(evaluation, summary, paired, layout, judges.scorer, config, loss_histories,
+                             report_dir / "figures")
+    tables = {"Paired difference to the baseline (same scene and seed; mean over pictures ± 95 % interval)":
+              paired_table(paired),
+              "Means per method (± 95 % interval over pictures)": summary_table(summary)}
+    scenes = sorted({(r.scene_index, r.scene) for r in evaluation.runs})
+    seeds = sorted({r.seed for r in evaluation.runs})
+    notes = [f"{len(evaluation.runs)} runs: {len(scenes)} scene(s) × {len(seeds)} seed(s) "
+             f"({seeds[0]}–{seeds[-1]}); every method made on the same (scene, seed); metrics.csv has one row per "
+             f"method, run and subject.",
+             *[f"scene {i}: {scene!r}" for i, scene in scenes],
+             "Each subject is measured on its own pixels: its region's support without any other region's, the rest "
+             "of its crop painted with the scene's background colour (never a box that holds its neighbour).",
+             "Pictures are the unit of the intervals (a picture's subjects are averaged first); paired differences "
+             "use Student's t over the pictures' differences.",
+             *metric_definitions(judges)]
+    html_path, md_path = write_report(report_dir, config, tables, figures, notes)
+    return {"summary": summary, "paired": paired, "figures": figures, "html": html_path, "markdown": md_path}
+
 
 def _profile_banner(config: ProjectConfig) -> str:
     if config.profile == "sdxl":

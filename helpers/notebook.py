@@ -15,6 +15,7 @@ from .config import CONFIG_FILE, FIELD_NAMES, PROFILE_DEFAULTS, ProjectConfig
 from .io import remove_leftover_temp_files, save_config, set_aside
 from .models import DecodeStats, ModelBundle, decode_latents, resolve_profile
 from .profiles import subject_token_problem
+from .prompts import scene_prompt_problem
 
 
 def make_config(profile: str = "auto", output_dir: str | None = None, **overrides: Any) -> ProjectConfig:
@@ -56,6 +57,8 @@ def _saved_config(path: Path) -> ProjectConfig | None:
     return ProjectConfig.from_dict(data, source=str(path))
 
 
+# the notebooks that paint the scene: each needs a scene prompt that names every subject (training does not)
+SCENE_NOTEBOOKS = ("03", "04", "05")
 DRIVE_OUTPUT = "/content/drive/MyDrive/multisubject-sdxl/output"
 
 
@@ -83,6 +86,8 @@ def notebook_config(notebook: str, parameters: dict[str, Any]) -> ProjectConfig:
     config, carried = _config_and_carried(profile, output_dir, overrides)
     if problem := subject_token_problem(config):
         raise ValueError(problem)
+    if notebook in SCENE_NOTEBOOKS and (problem := scene_prompt_problem(config)):
+        raise ValueError(f"{problem} (scene_prompt is a parameter of notebooks 00, 03 and 05)")
     if removed := remove_leftover_temp_files(config.output_path):  # a Colab disconnect can kill a write halfway
         print(f"[{notebook}] removed {removed} temp file(s) left by an interrupted run in {config.output_path}")
     save_config(config)

@@ -21,6 +21,7 @@ from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
 from .layout import Layout, LayoutError, MaskSet, masks, validate_layout
 from .models import ModelBundle
+from .prompts import config_scene_prompts, expand_placeholders, expand_subjects
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,7 +123,8 @@ def subject_seed(seed: int, index: int, attempt: int = 0) -> int:
 
 
 def generate_scene(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int) -> Image.Image:
-    """Phase 0: the whole scene from the base model with every LoRA off."""
+    """Phase 0: the whole scene from the base model with every LoRA off (``{cat}``-style placeholders expanded)."""
+    prompt = expand_placeholders(expand_subjects(prompt, config.subjects), config.subjects)
     return generate(models, config, prompt, seed, adapter=None)
 
 
@@ -155,11 +157,11 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
                 seed: int, strength: float, prompt: str | None = None,
                 emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
     """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image.
-    Stages carry ``record_function`` labels ("pass/...") so a profiler run can attribute the time."""
+    ``prompt``: the subject's words in the scene's setting (default: its pass prompt from the config's scene). Stages carry ``record_function`` labels ("pass/...") so a profiler run can attribute the time."""
     from torch.profiler import record_function
 
     start = time.perf_counter()
-    prompt = prompt or config.subject_prompt(subject)
+    prompt = prompt or config_scene_prompts(config).passes[subject.name]
     box = masks_.crop_box(subject.name, config.region_margin)
     size = pass_size(models, config, box[2] - box[0])
     with record_function("pass/crop"):
@@ -200,20 +202,22 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
 
 def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, scene_prompt: str | None = None,
                    seed: int | None = None) -> GenerationResult:
-    """Phase 0 (scene, no LoRA) then Phase 1 (each subject inpainted with only its own LoRA), in layout order."""
+    """Phase 0 (the scene as written, no LoRA) then Phase 1 (each subject inpainted with only its own LoRA and its
+    words in the scene's setting), in layout order."""
     scene_prompt = scene_prompt or config.scene_prompt
+    prompts = config_scene_prompts(config, scene_prompt)  # a scene that does not name a subject stops here
     seed = config.seed if seed is None else seed
     check_layout_matches(layout, config)
     masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
     start = time.perf_counter()
-    coarse = generate_scene(models, config, scene_prompt, seed)
+    coarse = generate(models, config, prompts.phase0, seed, adapter=None)
     result = GenerationResult(scene_prompt, seed, layout, masks_, coarse,
                               seconds={"phase0": time.perf_counter() - start})
     image = coarse
     for index, region in enumerate(layout.regions):
         subject = config.subject(region.subject)
         image, info = region_pass(models, config, image, masks_, subject, subject_seed(seed, index),
-                                  config.inpaint_strength)
+                                  config.inpaint_strength, prompts.passes[subject.name])
         result.passes.append(info)
         result.stages.append(image)
         result.seconds[f"phase1_{subject.name}"] = info.seconds
@@ -222,10 +226,11 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
 
 
 def one_pass_baseline(models: ModelBundle, config: ProjectConfig, seed: int | None = None,
-                      prompt: str | None = None) -> Image.Image:
-    """The naive approach: one generation with every subject LoRA active and one combined prompt."""
+                      scene_prompt: str | None = None) -> Image.Image:
+    """The naive approach, given the same scene: one generation with every subject LoRA active and the scene prompt
+    with each subject's token before its class word."""
     seed = config.seed if seed is None else seed
-    return generate(models, config, prompt or config.combined_prompt(), seed, adapter=ALL_ADAPTERS)
+    return generate(models, config, config_scene_prompts(config, scene_prompt).baseline, seed, adapter=ALL_ADAPTERS)
 
 
 def with_and_without_lora(models: ModelBundle, config: ProjectConfig, seed: int) \

@@ -320,7 +320,7 @@ def subject_token_problem(config) -> str | None:
         if len(piece) == 1 and piece[0] < COMMON_WORD_MAX_ID and tokenizer.decoder[piece[0]].endswith("</w>"):
             return (f"subject {s.name!r}: token {s.token!r} is a common word the model already knows (CLIP id "
                     f"{piece[0]}); use a rare token such as 'sks', 'ohwx' or a made-up 3-4 letter word")
-    prompts = {"scene_prompt": config.scene_prompt, "subject_prompt_suffix": config.subject_prompt_suffix,
+    prompts = {"scene_prompt": config.scene_prompt,
                **{f"extra_scene_prompts[{i}]": p for i, p in enumerate(config.extra_scene_prompts)}}
     encoded = {field_name: tokenizer.encode(prompt) for field_name, prompt in prompts.items()}
     for s in config.subjects:
@@ -331,3 +331,16 @@ def subject_token_problem(config) -> str | None:
                 return (f"subject {s.name!r}: token {s.token!r} already occurs in {field_name} ({prompt!r}); the "
                         f"subject pass and the QA loop's emphasis would hit it there too. Pick another token.")
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a profile knows of its subjects beyond their photos
+# ----------------------------------------------------------------------------------------------------------------
+def light_judge(config):
+    """The world's judge of a subject's light (it knows its personal subjects' true colours and the lights it
+    renders); None on profiles whose subjects' colours nobody knows, where light error is not measured."""
+    if config.profile != "world":
+        return None
+    from .world import light_judge as world_light_judge
+
+    return world_light_judge(config.subject_names)

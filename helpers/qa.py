@@ -1,8 +1,9 @@
 """The active QA loop: score every subject, refine only the ones that fail, keep the best attempt, log every decision.
 
-Scores come from a ``scoring.Scorer``: identity = the region crop against that subject's reference photos (CLIP-I),
-prompt adherence = the crop against "a photo of a {class}" (CLIP-T), a leakage row = the crop against every
-subject's references. Refinement reuses ``pipeline.region_pass``. No plots.
+Scores come from a ``scoring.Scorer`` on each subject's own pixels (``measures.own_crop``: its support without its
+neighbours'): identity = against that subject's reference photos (CLIP-I), prompt adherence = against "a photo of a
+{class}" (CLIP-T), a leakage row = against every subject's references. Refinement reuses ``pipeline.region_pass`` with
+the subject's prompt in the scene's setting, its token and class word weighted up. No plots.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from PIL import Image
 
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
+from .measures import own_crop
 from .models import ModelBundle
 from .pipeline import GenerationResult, region_pass, subject_seed
+from .prompts import config_scene_prompts
 from .scoring import Scorer
 
 
@@ -76,8 +79,9 @@ class SubjectScore:
 
 
 def score_subject(scorer: Scorer, image: Image.Image, result: GenerationResult, subject: Subject,
-                  threshold: float, margin: float) -> SubjectScore:
-    crop = image.crop(result.masks.crop_box(subject.name, margin))
+                  threshold: float) -> SubjectScore:
+    """Scores of the subject's own pixels (its support minus its neighbours'; ``measures.own_crop``)."""
+    crop = own_crop(image, result.masks, subject.name)
     row = scorer.leakage_row(crop, subject.name)
     return SubjectScore(row[subject.name], scorer.prompt_score(crop, subject.class_prompt), row, threshold)
 
@@ -111,10 +115,11 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     thresholds = thresholds or subject_thresholds(scorer, config)
     outcome = QAOutcome(result.final, thresholds=thresholds)
     image = result.final
+    prompts = config_scene_prompts(config, result.scene_prompt)
     for index, region in enumerate(result.layout.regions):
         subject = config.subject(region.subject)
         t0 = time.perf_counter()
-        score = score_subject(scorer, image, result, subject, thresholds[subject.name], config.region_margin)
+        score = score_subject(scorer, image, result, subject, thresholds[subject.name])
         best_score, best_image, best_attempt = score, image, 0
         outcome.log.append(_log_entry(subject, 0, None, score, "pass" if score.passed else "refine",
                                       time.perf_counter() - t0))
@@ -124,9 +129,8 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
             t0 = time.perf_counter()
             seed = subject_seed(result.seed, index, attempt)
             candidate, _ = region_pass(models, config, image, result.masks, subject, seed, config.refine_strength,
-                                       emphasis_weight=config.prompt_boost)
-            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name],
-                                       config.region_margin)
+                                       prompt=prompts.qa(subject.name), emphasis_weight=config.prompt_boost)
+            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name])
             better = (cand_score.passed, cand_score.identity) > (best_score.passed, best_score.identity)
             if better:
                 best_score, best_image, best_attempt = cand_score, candidate, attempt
@@ -176,7 +180,7 @@ def score_table(scorer: Scorer, image: Image.Image, result: GenerationResult, co
     rows = []
     for region in result.layout.regions:
         subject = config.subject(region.subject)
-        s = score_subject(scorer, image, result, subject, thresholds[subject.name], config.region_margin)
+        s = score_subject(scorer, image, result, subject, thresholds[subject.name])
         rows.append({"subject": subject.name, **{k: v for k, v in asdict(s).items() if k != "leakage"},
                      "passed": s.passed, "reason": s.reason()})
     return rows

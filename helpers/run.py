@@ -3,6 +3,11 @@
 ``python -m helpers run [--profile tiny] [-p name value ...]`` executes every ``notebooks/NN_*.ipynb`` in order,
 writes executed copies to ``<output>/executed/``, prints seconds per notebook, and stops at the first failure naming
 the notebook and the cell.
+
+``python -m helpers evaluate [--profile world] [--scenes 3] [--seeds 32] [--out output/evaluation]`` is the full
+evaluation without notebooks: trains the LoRAs when they are missing or stale, then runs baseline / ours / ours+QA on
+every (scene, seed) from ``eval_seed_start`` (one file per run: an interrupted evaluation continues) and writes the
+report to ``<out>/report``.
 """
 from __future__ import annotations
 
@@ -265,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     clean = sub.add_parser("clean-notebooks", help="strip outputs (except checked cells) and execution counts")
     clean.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
+    evaluate = sub.add_parser("evaluate", help="the full evaluation: every method on scenes x seeds, resumable")
+    evaluate.add_argument("--profile", choices=["auto", "world", "tiny", "sdxl"], default="world")
+    evaluate.add_argument("--scenes", type=int, default=3, help="how many of the configured scenes (default 3)")
+    evaluate.add_argument("--seeds", type=int, default=32, help="seeds per scene, from eval_seed_start (default 32)")
+    evaluate.add_argument("--out", default="output/evaluation", help="folder of the LoRAs, runs and report")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    evaluate.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                          help="a setting, e.g. -p inpaint_strength 0.9 (repeatable)")
     refresh = sub.add_parser("refresh-checked-outputs",
                              help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
     refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
@@ -280,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted before any notebook finished", file=sys.stdout)
             return 130
         return code
+    if args.command == "evaluate":
+        params = {name: parse_value(value) for name, value in args.parameter}
+        return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
     if args.command == "clean-notebooks":
         import nbformat
 
@@ -288,4 +304,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path in refresh_checked_outputs(args.notebooks, args.executed):
         print(f"refreshed {path}")
+    return 0
+
+
+def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str | None = None,
+                    parameters: dict | None = None) -> int:
+    """Train what is missing, evaluate every (scene, seed), write the report; prints the paired table last."""
+    from . import evaluation as he
+    from . import figures as hf
+    from .adapters import load_subject_loras
+    from .layout import LAYOUT_FILE, load_or_default_layout
+    from .models import load_models
+    from .notebook import make_config
+    from .scoring import ClipScorer, optional_dino_scorer
+    from .training import loss_histories, run_training
+
+    config = make_config(profile, output_dir=out, eval_prompts=scenes, eval_seeds=seeds, **(parameters or {}))
+    start = time.perf_counter()
+    run_training(config, progress=False)
+    models = load_models(config, device=device)
+    load_subject_loras(models, config)
+    layout, note = load_or_default_layout(config.output_path / LAYOUT_FILE, config.subject_names, config.resolution,
+                                          config.resolution)
+    scorer = ClipScorer.for_config(config, device=device)
+    judges = he.Judges.for_config(config, scorer, optional_dino_scorer(config, scorer))
+    print(f"{config.profile}: {note}; {scenes} scene(s) x {seeds} seed(s) from seed {config.eval_seed_start}")
+    evaluation = he.run_evaluation(models, config, layout, judges, config.output_path)
+    report = hf.write_evaluation_report(evaluation, judges, layout, config, loss_histories(config),
+                                        config.output_path / "report")
+    print(f"report: {report['html']} ({time.perf_counter() - start:.0f} s)")
+    print(he.summary_table(report["summary"]))
+    print(he.paired_table(report["paired"]))
     return 0

@@ -326,3 +326,82 @@ def vocabulary() -> list[str]:
     for phrase in BACKGROUNDS.values():
         words |= set(phrase.split())
     return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the light a subject is lit by, from its known colour (the world knows every subject's true colours)
+# ----------------------------------------------------------------------------------------------------------------
+LIGHT_MATCH_TOLERANCE = 0.04  # chromaticity distance at which a de-lit pixel is the subject's base colour
+LIGHT_MIN_PIXELS = 12
+
+
+def light_named_in(prompt: str) -> str | None:
+    """The light a prompt asks for ("... , cool light" -> "cool"), or None."""
+    for name in LIGHTS:
+        if f"{name} light" in prompt:
+            return name
+    return None
+
+
+def estimate_light(pixels: np.ndarray, color: str) -> str | None:
+    """Which of the world's lights makes the most of ``pixels`` (N x 3, RGB) the colour ``color`` once divided out:
+    shading and brightness scale all channels alike, so the chromaticity of the de-lit pixels tells the tint. None
+    when too few pixels have that colour under any light (the subject is not there to judge)."""
+    base = np.array(COLORS[color], np.float64)
+    target = base / base.sum()
+    pixels = np.asarray(pixels, np.float64).reshape(-1, 3)
+    counts = {}
+    for name, tint in LIGHTS.items():
+        delit = pixels / np.array(tint)
+        total = delit.sum(axis=1, keepdims=True)
+        chroma = delit / np.maximum(total, 1e-6)
+        plausible = (total[:, 0] > 0.4 * base.sum()) & (total[:, 0] < 1.5 * base.sum())
+        counts[name] = int(((np.linalg.norm(chroma - target, axis=1) < LIGHT_MATCH_TOLERANCE) & plausible).sum())
+    best = max(counts, key=counts.get)
+    return best if counts[best] >= LIGHT_MIN_PIXELS else None
+
+
+@dataclass(frozen=True)
+class LightJudge:
+    """Light error of the world's personal subjects: the light their known colour shows vs the scene's."""
+
+    subject_colors: dict[str, str]
+
+    def light_error(self, pixels: np.ndarray, subject: str, scene_prompt: str) -> float:
+        """1.0 when the subject's own pixels show another light than the scene prompt names, 0.0 when the same, nan
+        when either cannot be told (no known colour, no light named, the subject's colour not found)."""
+        wanted = light_named_in(scene_prompt)
+        if subject not in self.subject_colors or wanted is None:
+            return float("nan")
+        seen = estimate_light(pixels, self.subject_colors[subject])
+        return float("nan") if seen is None else float(seen != wanted)
+
+
+def light_judge(subject_names: list[str]) -> LightJudge:
+    return LightJudge({n: PERSONAL_SUBJECTS[n].color for n in subject_names if n in PERSONAL_SUBJECTS})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rendered truth for the method's measures: the personal subjects placed in given regions
+# ----------------------------------------------------------------------------------------------------------------
+def subjects_in_regions(regions: dict[str, tuple[float, float, float, float]], seed: int,
+                        extra_class: str | None = None, background: str | None = None) -> SceneSpec:
+    """A scene with each personal subject inside its region (name -> left, top, width, height as fractions) at a
+    size that fits it, and with ``extra_class`` an ordinary object of that class in the free band above the regions
+    (a planted ghost). Background, light and brightness from ``seed`` unless given."""
+    rng = random.Random(f"regions-{seed}")
+    objects = []
+    for name, (left, top, width, height) in regions.items():
+        size = min(width, height) * rng.uniform(0.62, 0.8)
+        cx = left + width / 2 + rng.uniform(-0.02, 0.02)
+        cy = top + height / 2 + rng.uniform(-0.02, 0.04)
+        objects.append(PERSONAL_SUBJECTS[name].as_object(cx, cy, size, rng.choice((-1, 1))))
+    if extra_class:
+        top = min(t for _, t, _, _ in regions.values())
+        size = min(0.25, top - 0.1)
+        obj = sample_object(rng, rng.uniform(0.15, 0.85), top / 2 - 0.02, size)
+        while obj.cls != extra_class:
+            obj = sample_object(rng, obj.cx, obj.cy, size)
+        objects.append(obj)
+    return SceneSpec(background or rng.choice(list(BACKGROUNDS)), rng.choice(list(LIGHTS)), rng.uniform(0.85, 1.1),
+                     tuple(objects), rng.randrange(2**31))

@@ -21,6 +21,7 @@ from PIL import Image
 from . import world
 from .adapters import generate
 from .config import ProjectConfig
+from .measures import locate_object, object_crop, zero_shot
 from .models import ModelBundle
 
 HELD_OUT_SEED = 10_000_000  # the trainer renders seeds from 0 up; evaluation scenes start far above
@@ -37,39 +38,6 @@ class Accuracy:
 
     def __str__(self) -> str:
         return f"{self.rate:.1%} ({self.correct}/{self.total})"
-
-
-def zero_shot(scorer, image: Image.Image, texts: list[str]) -> int:
-    """Index of the text the scorer finds closest to the image."""
-    embedding = scorer.embed_images([image])
-    return int((embedding @ scorer.embed_texts(texts).T).argmax())
-
-
-def object_crop(image: Image.Image, box: tuple[int, int, int, int], margin: float = 0.15) -> Image.Image:
-    x0, y0, x1, y1 = box
-    side = min(int(max(x1 - x0, y1 - y0) * (1 + 2 * margin)), min(image.size))
-    left = int(np.clip((x0 + x1) / 2 - side / 2, 0, image.width - side))
-    top = int(np.clip((y0 + y1) / 2 - side / 2, 0, image.height - side))
-    return image.crop((left, top, left + side, top + side))
-
-
-def locate_object(image: Image.Image, threshold: float = 40.0) -> tuple[int, int, int, int] | None:
-    """The box of the largest region that differs from the background (estimated from the border pixels), or None:
-    where the single object of a generated picture is, so the scorer can judge it on a crop as it judges regions."""
-    from scipy import ndimage
-
-    pixels = np.asarray(image, np.float32)
-    border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3), pixels[:, :4].reshape(-1, 3),
-                             pixels[:, -4:].reshape(-1, 3)])
-    differs = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > threshold
-    labels, count = ndimage.label(ndimage.binary_opening(differs, iterations=1))
-    if count == 0:
-        return None
-    largest = 1 + int(np.argmax(ndimage.sum(differs, labels, range(1, count + 1))))
-    ys, xs = np.nonzero(labels == largest)
-    if len(ys) < 30:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def classify_object(scorer, image: Image.Image, where: str) -> str:

@@ -62,13 +62,6 @@ def test_check_setting_bounds():
     assert "finite number" in check_setting("0.5", meta)
 
 
-def test_prompts_share_the_suffix():
-    config = ProjectConfig()
-    assert config.subject_prompt(config.subject("cat")) == "a photo of sks cat, on a wooden table, soft window light"
-    assert config.combined_prompt() == "a photo of sks cat and zwx mug, on a wooden table, soft window light"
-    assert ProjectConfig(subject_prompt_suffix="").combined_prompt() == "a photo of sks cat and zwx mug"
-
-
 def test_json_round_trip(tmp_path):
     config = ProjectConfig(seed=5, scene_prompt="two friends", subjects=[Subject("dog", "qwe", "dog", "d/dog", "l")])
     path = save_config(config, tmp_path / "c.json")

@@ -1,12 +1,16 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from helpers import evaluation as he
+from helpers import measures as ms
 from helpers.layout import default_layout, masks
 
 
-def test_leakage_matrix_rows_follow_the_scorers_identity_and_swap_with_the_crops(tiny_config):
+def test_leakage_matrix_rows_are_the_scorers_identity_on_each_subjects_own_pixels(tiny_config):
     from helpers.scoring import ClipScorer
     rng = np.random.default_rng(3)
     refs = {n: [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
@@ -15,21 +19,10 @@ def test_leakage_matrix_rows_follow_the_scorers_identity_and_swap_with_the_crops
     image = Image.new("RGB", (64, 64))
     image.paste(refs["cat"][0], (0, 0))
     m = masks(default_layout(["cat", "mug"], 64, 64), 64, 64, 2)
-    matrix = he.leakage_matrix(scorer, image, m, ["cat", "mug"], 0.15)
-    crops = he.region_crops(image, m, ["cat", "mug"], 0.15)
+    matrix = he.leakage_matrix(scorer, image, m, ["cat", "mug"])
+    crops = ms.own_crops(image, m, ["cat", "mug"])
     expected = [[scorer.identity(crops[r], s) for s in ("cat", "mug")] for r in ("cat", "mug")]
     np.testing.assert_allclose(matrix, expected, rtol=1e-5)
-    assert scorer.leakage_row(crops["cat"], "cat") == pytest.approx(dict(zip(("cat", "mug"), expected[0])))
-
-
-def test_leakage_matrix_of_swapped_crops_is_transposed():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(1, 16)), rng.normal(size=(1, 16))
-    m = he.leakage_matrix_from_embeddings({"cat": a, "mug": b}, {"cat": b, "mug": a})
-    swapped = he.leakage_matrix_from_embeddings({"cat": b, "mug": a}, {"cat": a, "mug": b})
-    np.testing.assert_allclose(swapped, m.T)
-    same = he.leakage_matrix_from_embeddings({"cat": a, "mug": b}, {"cat": a, "mug": b})
-    np.testing.assert_allclose(np.diag(same), [1.0, 1.0])
 
 
 def test_outside_mask_invariant_detects_one_pixel():
@@ -44,18 +37,47 @@ def test_outside_mask_invariant_detects_one_pixel():
     assert he.outside_mask_max_diff(Image.fromarray(changed), coarse, m) == 7
 
 
-def test_summary_and_tables(tmp_path):
-    rows = [{"method": meth, "clip_i": v, "clip_t": 0.1, "leak_max_other": 0.2, "seconds": 1.0}
-            for meth, v in [("baseline", 0.2), ("baseline", 0.4), ("ours", 0.5), ("ours+qa", 0.7)]]
+def _rows(values: dict[str, list[float]], metric="identity", subjects=("cat", "mug")):
+    """Rows of ``method`` for pictures 0..n-1; each picture's subjects get value ± 0.1 (their mean is the value)."""
+    rows = []
+    for method, per_picture in values.items():
+        for seed, v in enumerate(per_picture):
+            for k, subject in enumerate(subjects):
+                rows.append({"method": method, "scene_index": 0, "seed": seed, "subject": subject,
+                             metric: v + (0.1 if k == 0 else -0.1), "seconds": 1.0})
+    return rows
+
+
+def test_paired_differences_are_over_pictures_with_a_t_interval():
+    base, ours = [0.1, 0.3, 0.2, 0.5], [0.4, 0.5, 0.6, 0.6]
+    rows = _rows({"baseline": base, "ours": ours, "ours+qa": [x + 0.05 for x in ours]})
+    paired = {p["method"]: p for p in he.paired_differences(rows)}
+    d = np.array(ours) - np.array(base)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert paired["ours"]["identity_diff"] == pytest.approx(d.mean())
+    assert paired["ours"]["identity_ci95"] == pytest.approx(half)
+    assert paired["ours"]["identity_n"] == 4  # pictures, not regions
+    assert paired["ours+qa"]["identity_diff"] == pytest.approx(d.mean() + 0.05)
+    assert paired["ours+qa"]["identity_ci95"] == pytest.approx(half)  # a constant shift keeps the spread
+    table = he.paired_table(list(paired.values()))
+    assert f"| ours − baseline | {d.mean():+.3f} ± {half:.3f} (n=4) |" in table
+
+
+def test_paired_differences_pair_only_the_same_scene_and_seed():
+    rows = _rows({"baseline": [0.0, 1.0], "ours": [0.5]})  # ours only has picture 0
+    (entry,) = he.paired_differences(rows)
+    assert entry["identity_n"] == 1 and entry["identity_diff"] == pytest.approx(0.5)
+
+
+def test_summary_means_over_pictures_and_tables():
+    rows = _rows({"baseline": [0.2, 0.4], "ours": [0.5, 0.5]})
     summary = he.summarize(rows)
-    assert [s["method"] for s in summary] == ["baseline", "ours", "ours+qa"]
-    assert abs(summary[0]["clip_i_mean"] - 0.3) < 1e-9 and abs(summary[0]["clip_i_std"] - 0.1) < 1e-9
-    table = he.markdown_table(summary)
-    assert table.splitlines()[0].startswith("| method | n | runs | clip_i_mean")
-    assert summary[0]["clip_i_ci95"] == pytest.approx(1.96 * 0.1 / np.sqrt(2))
-    assert "| baseline | 1 | 2 | 0.300 ± 0.139 |" in he.summary_table(summary)
-    path = he.write_csv(rows, tmp_path / "m.csv")
-    assert path.read_text().splitlines()[0] == "method,clip_i,clip_t,leak_max_other,seconds"
+    assert [s["method"] for s in summary] == ["baseline", "ours"]
+    assert summary[0]["identity_mean"] == pytest.approx(0.3) and summary[0]["pictures"] == 2
+    assert summary[0]["identity_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([0.2, 0.4], ddof=1) / np.sqrt(2))
+    assert "| baseline | 2 | 0.300 ± " in he.summary_table(summary)
+    assert "dino_mean" not in summary[0]
+    assert "dino_mean" in he.summarize([{**r, "dino": 0.8} for r in rows])[0]
 
 
 def test_report_references_only_existing_images_and_states_the_profile(tmp_path, tiny_config):
@@ -72,7 +94,52 @@ def test_report_references_only_existing_images_and_states_the_profile(tmp_path,
     assert "<td>1</td>" in html
 
 
-def test_summary_includes_dino_only_when_measured():
-    rows = [{"method": "ours", "clip_i": 0.5, "clip_t": 0.1, "leak_max_other": 0.2, "seconds": 1.0}]
-    assert "dino_mean" not in he.summarize(rows)[0]
-    assert he.summarize([{**rows[0], "dino": 0.8}])[0]["dino_mean"] == 0.8
+# -- the evaluation end to end on the tiny profile: files, columns, resuming ----------------------------------------
+@pytest.fixture(scope="module")
+def evaluated(tiny_models, tiny_config, trained, tmp_path_factory):
+    from helpers.scoring import ClipScorer
+
+    config = tiny_config.replace(max_retries=1)
+    layout = default_layout(config.subject_names, config.resolution, config.resolution)
+    judges = he.Judges.for_config(config, ClipScorer.for_config(config))
+    folder = tmp_path_factory.mktemp("evaluation")
+    scenes = [config.scene_prompt, "a cat left of a mug on grass, cool light"]
+    seeds = [config.eval_seed_start, config.eval_seed_start + 1]
+    evaluation = he.run_evaluation(tiny_models, config, layout, judges, folder, scenes, seeds, progress=None)
+    return config, layout, judges, folder, scenes, seeds, evaluation
+
+
+def test_every_method_runs_on_the_same_scene_and_seed_and_every_metric_is_a_column(evaluated):
+    from helpers import figures as hf
+    from helpers.training import loss_histories
+
+    config, layout, judges, folder, scenes, seeds, evaluation = evaluated
+    rows = evaluation.rows
+    assert len(rows) == len(scenes) * len(seeds) * 3 * len(config.subjects)
+    pairs = {m: sorted({(r["scene_index"], r["seed"]) for r in rows if r["method"] == m}) for m in he.METHODS}
+    assert pairs["baseline"] == pairs["ours"] == pairs["ours+qa"] and len(pairs["ours"]) == 4
+    run = evaluation.runs[-1]
+    assert run.prompts["baseline"] == "a sks cat left of a zwx mug on grass, cool light"
+    assert all("grass, cool light" in p for p in run.prompts["passes"].values())
+    report = hf.write_evaluation_report(evaluation, judges, layout, config, loss_histories(config), folder / "report")
+    header = (folder / "report" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert [m for m in he.METRICS if m != "dino"] == [m for m in he.METRICS if m in header]
+    markdown = report["markdown"].read_text()
+    assert "ours − baseline" in markdown and "ours+qa − baseline" in markdown and "(n=4)" in markdown
+    assert "not measured on this profile: light_error, dino" in markdown
+    assert all(path.exists() for path in report["figures"].values())
+
+
+def test_an_interrupted_evaluation_continues_and_a_changed_setting_is_measured_again(evaluated, tiny_models):
+    config, layout, judges, folder, scenes, seeds, first = evaluated
+    again = he.run_evaluation(tiny_models, config, layout, judges, folder, scenes, seeds, progress=None)
+    assert again.reused == 4 and json.dumps(again.rows) == json.dumps(first.rows)  # (nan != nan in a dict)
+    damaged = folder / "runs" / f"scene1_seed{seeds[0]}.json"
+    damaged.write_text(damaged.read_text()[:50])
+    (folder / "runs" / f"scene0_seed{seeds[1]}.json").unlink()
+    resumed = he.run_evaluation(tiny_models, config, layout, judges, folder, scenes, seeds, progress=None)
+    assert resumed.reused == 2 and json.loads(damaged.read_text())["seed"] == seeds[0]
+    assert [r["identity"] for r in resumed.rows] == pytest.approx([r["identity"] for r in first.rows])
+    changed = he.run_evaluation(tiny_models, config.replace(inpaint_strength=0.6), layout, judges, folder,
+                                scenes[:1], seeds[:1], progress=None)
+    assert changed.reused == 0

@@ -85,7 +85,9 @@ def test_notebook_only_journey_trains_and_composes_a_subject_the_repository_does
                 {"name": "rocket", "token": "qwe", "class_name": "rocket", "data_dir": str(tmp_path / "rocket")}]
     out = io.StringIO()
     runs, code = run_series(NOTEBOOKS_DIR, str(tmp_path / "out"), "tiny",
-                            {"subjects": subjects, "photos": {"rocket": paths}}, only=["00", "01", "02", "03"],
+                            {"subjects": subjects, "photos": {"rocket": paths},
+                             "scene_prompt": "a cat, a mug and a rocket on a wooden table, soft window light"},
+                            only=["00", "01", "02", "03"],
                             progress=False, stream=out)
     assert code == 0, out.getvalue()
     assert len(list((tmp_path / "rocket").glob("rocket_*.png"))) == 3
@@ -93,6 +95,7 @@ def test_notebook_only_journey_trains_and_composes_a_subject_the_repository_does
     result = json.loads((tmp_path / "out" / "coarse_to_fine" / "result.json").read_text())
     assert [p["subject"] for p in result["passes"]] == ["cat", "mug", "rocket"]
     assert [p["active_adapters"] for p in result["passes"]] == [["cat"], ["mug"], ["rocket"]]
+    assert result["passes"][2]["prompt"] == "a qwe rocket on a wooden table, soft window light"
     assert np.asarray(Image.open(tmp_path / "out" / "coarse_to_fine" / "composite.png")).shape == (64, 64, 3)
 
 

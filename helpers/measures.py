@@ -1,0 +1,190 @@
+"""Where each claim of the method is measured: a subject on its own pixels, the object located inside a region, and
+the judgements the report makes of a picture (class presence, ghost objects, split-world).
+
+A region's crop box holds much of its neighbour, so nothing here scores a box: a subject's *own pixels* are its mask's
+support minus every other subject's support, and everything else in its crop is painted with the scene's background
+colour (the median of the picture's border outside all regions). Objects are located as the connected areas that
+differ from that colour, then named by the scorer among a class vocabulary (zero-shot: "a cat", "a mug", ...).
+One code path for every profile; ``tests/test_measures.py`` checks each judgement on rendered scenes whose truth is
+known. The light of a region needs its subject's true colours, which only the world knows (``world.LightJudge``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .layout import MaskSet
+
+BORDER_PX = 4  # the picture's outer rows and columns that tell its background colour
+DIFFERS = 40.0  # RGB distance from the background colour at which a pixel belongs to an object
+OBJECT_MIN_FRACTION = 30 / 128**2  # the smallest object worth naming, as a fraction of the picture
+GHOST_MIN_FRACTION = 60 / 128**2  # a ghost must be a visible object, not a leftover edge of one
+GHOST_DIFFERS = 20.0  # against each row's own background colour, which follows gradients
+SPLIT_WORLD_DISTANCE = 30.0  # RGB distance between a region's own background and the scene's around it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a subject's own pixels
+# ----------------------------------------------------------------------------------------------------------------
+def own_pixels(masks_: MaskSet, subject: str) -> np.ndarray:
+    """The subject's support minus every other subject's support: pixels that can only show this subject."""
+    own = masks_.support[subject].copy()
+    for name, support in masks_.support.items():
+        if name != subject:
+            own &= ~support
+    return own
+
+
+def background_color(pixels: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Median colour of the picture's border (``BORDER_PX`` wide), leaving out ``exclude``d pixels when any remain."""
+    border = np.zeros(pixels.shape[:2], bool)
+    border[:BORDER_PX], border[-BORDER_PX:], border[:, :BORDER_PX], border[:, -BORDER_PX:] = True, True, True, True
+    keep = border & ~exclude if exclude is not None and (border & ~exclude).any() else border
+    return np.median(pixels[keep].reshape(-1, pixels.shape[-1]), axis=0)
+
+
+def own_crop(image: Image.Image, masks_: MaskSet, subject: str) -> Image.Image:
+    """The bounding box of the subject's own pixels, every other pixel in it painted with the scene's background."""
+    own = own_pixels(masks_, subject)
+    pixels = np.array(image.convert("RGB"))
+    fill = background_color(pixels, masks_.union_dilated).astype(np.uint8)
+    pixels[~own] = fill
+    ys, xs = np.nonzero(own)
+    return Image.fromarray(pixels[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+
+
+def own_crops(image: Image.Image, masks_: MaskSet, names: list[str]) -> dict[str, Image.Image]:
+    return {n: own_crop(image, masks_, n) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# locating and naming objects
+# ----------------------------------------------------------------------------------------------------------------
+def background_rows(pixels: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The background colour of every row (H x 1 x 3): the median of the row's pixels outside ``exclude``, smoothed
+    over neighbouring rows; backgrounds change from top to bottom (a horizon, a table's far edge, light falloff)
+    far more than across. Rows with nothing to measure take the border colour."""
+    height = pixels.shape[0]
+    keep = ~exclude if exclude is not None else np.ones(pixels.shape[:2], bool)
+    fallback = background_color(pixels, exclude)
+    rows = np.array([np.median(pixels[y][keep[y]], axis=0) if keep[y].sum() >= 4 else fallback
+                     for y in range(height)], np.float32)
+    window = max(3, height // 16) | 1
+    rows = ndimage.median_filter(rows, size=(window, 1), mode="nearest")
+    return rows[:, None, :]
+
+
+def locate_objects(image: Image.Image, min_fraction: float = OBJECT_MIN_FRACTION, threshold: float = DIFFERS,
+                   exclude: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
+    """Boxes of the areas that differ from the background, largest first. The background is the border colour, or,
+    with ``exclude`` (pixels that are no object to find, e.g. the regions), each row's colour outside ``exclude``."""
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    background = background_color(pixels) if exclude is None else background_rows(pixels, exclude)
+    differs = np.linalg.norm(pixels - background, axis=-1) > threshold
+    if exclude is not None:
+        differs &= ~exclude
+    labels, count = ndimage.label(ndimage.binary_opening(differs, iterations=1))
+    if count == 0:
+        return []
+    sizes = ndimage.sum(differs, labels, range(1, count + 1))
+    min_pixels = min_fraction * pixels.shape[0] * pixels.shape[1]
+    boxes = []
+    for index in np.argsort(sizes)[::-1]:
+        if sizes[index] < min_pixels:
+            break
+        ys, xs = np.nonzero(labels == index + 1)
+        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return boxes
+
+
+def locate_object(image: Image.Image, threshold: float = DIFFERS) -> tuple[int, int, int, int] | None:
+    """The box of the largest area that differs from the background, or None."""
+    boxes = locate_objects(image, threshold=threshold)
+    return boxes[0] if boxes else None
+
+
+def object_crop(image: Image.Image, box: tuple[int, int, int, int], margin: float = 0.15) -> Image.Image:
+    """A square crop around ``box`` with ``margin`` of its size on each side, kept inside the picture."""
+    x0, y0, x1, y1 = box
+    side = min(int(max(x1 - x0, y1 - y0) * (1 + 2 * margin)), min(image.size))
+    left = int(np.clip((x0 + x1) / 2 - side / 2, 0, image.width - side))
+    top = int(np.clip((y0 + y1) / 2 - side / 2, 0, image.height - side))
+    return image.crop((left, top, left + side, top + side))
+
+
+def zero_shot(scorer, image: Image.Image, texts: list[str]) -> int:
+    """Index of the text the scorer finds closest to the image (text embeddings cached on the scorer)."""
+    cache = scorer.__dict__.setdefault("_zero_shot_texts", {})
+    key = tuple(texts)
+    if key not in cache:
+        cache[key] = scorer.embed_texts(list(texts))
+    return int((scorer.embed_images([image]) @ cache[key].T).argmax())
+
+
+def name_object(scorer, image: Image.Image, classes: list[str]) -> str | None:
+    """The class of the largest object located in ``image``, or None when nothing stands out from the background."""
+    box = locate_object(image)
+    if box is None:
+        return None
+    return classes[zero_shot(scorer, object_crop(image, box), [f"a {c}" for c in classes])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judgements
+# ----------------------------------------------------------------------------------------------------------------
+def class_present(scorer, crop: Image.Image, class_name: str, classes: list[str]) -> bool:
+    """The object located in a subject's own crop is named as the subject's class."""
+    return name_object(scorer, crop, classes) == class_name
+
+
+@dataclass(frozen=True)
+class Ghost:
+    box: tuple[int, int, int, int]
+    class_name: str
+
+
+def find_ghosts(scorer, image: Image.Image, masks_: MaskSet, subject_classes: list[str],
+                classes: list[str]) -> list[Ghost]:
+    """Objects of a subject's class outside every region: every region (grown by the feather) is painted with the
+    background colour, the remaining objects are located and named."""
+    pixels = np.array(image.convert("RGB"))
+    inside = masks_.union_dilated
+    pixels[inside] = background_color(pixels, inside).astype(np.uint8)
+    painted = Image.fromarray(pixels)
+    ghosts = []
+    for box in locate_objects(painted, GHOST_MIN_FRACTION, GHOST_DIFFERS, exclude=inside):
+        name = classes[zero_shot(scorer, object_crop(painted, box), [f"a {c}" for c in classes])]
+        if name in subject_classes:
+            ghosts.append(Ghost(box, name))
+    return ghosts
+
+
+def split_world_distance(image: Image.Image, masks_: MaskSet, subject: str) -> float:
+    """How far the background inside a region is from the scene's just outside it: the RGB distance between the
+    median colour of a band along the inner edge of the subject's own pixels and of a band around the region
+    (outside every region). A pass that painted another setting into its region (wood inside grass) is far."""
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    own = own_pixels(masks_, subject)
+    band = max(2, min(masks_.width, masks_.height) // 32)
+    depth = ndimage.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
+    inner = own & (depth > masks_.feather) & (depth <= masks_.feather + 2 * band)
+    around = ndimage.distance_transform_edt(~masks_.dilated[subject]) <= 2 * band
+    outer = around & ~masks_.union_dilated
+    if inner.sum() < 8 or outer.sum() < 8:
+        return float("nan")
+    return float(np.linalg.norm(np.median(pixels[inner], axis=0) - np.median(pixels[outer], axis=0)))
+
+
+def split_world(image: Image.Image, masks_: MaskSet, subject: str) -> float:
+    """1.0 when the region's own background is not the scene's (``split_world_distance`` above the limit), 0.0
+    when it is, nan when the region leaves no band to compare."""
+    distance = split_world_distance(image, masks_, subject)
+    return float(distance > SPLIT_WORLD_DISTANCE) if np.isfinite(distance) else float("nan")
+
+
+__all__ = ["own_pixels", "own_crop", "own_crops", "background_color", "locate_objects", "locate_object",
+           "object_crop", "zero_shot", "name_object", "class_present", "Ghost", "find_ghosts",
+           "split_world_distance", "split_world"]
