@@ -96,9 +96,23 @@ def test_report_references_only_existing_images_and_states_the_profile(tmp_path,
 
 # -- the evaluation end to end on the tiny profile: files, columns, resuming ----------------------------------------
 @pytest.fixture(scope="module")
-def evaluated(tiny_models, tiny_config, trained, tmp_path_factory):
+def evaluation_models(tiny_config):
+    """A bundle of its own: the session's bundle stays free of adapters for the tests that load damaged LoRAs."""
+    from helpers.adapters import load_subject_loras
+    from helpers.models import load_models
+    from helpers.training import run_training
+
+    models = load_models(tiny_config)
+    run_training(tiny_config, models=models, progress=False)
+    load_subject_loras(models, tiny_config)
+    return models
+
+
+@pytest.fixture(scope="module")
+def evaluated(evaluation_models, tiny_config, tmp_path_factory):
     from helpers.scoring import ClipScorer
 
+    tiny_models = evaluation_models
     config = tiny_config.replace(max_retries=1)
     layout = default_layout(config.subject_names, config.resolution, config.resolution)
     judges = he.Judges.for_config(config, ClipScorer.for_config(config))
@@ -130,7 +144,8 @@ def test_every_method_runs_on_the_same_scene_and_seed_and_every_metric_is_a_colu
     assert all(path.exists() for path in report["figures"].values())
 
 
-def test_an_interrupted_evaluation_continues_and_a_changed_setting_is_measured_again(evaluated, tiny_models):
+def test_an_interrupted_evaluation_continues_and_a_changed_setting_is_measured_again(evaluated, evaluation_models):
+    tiny_models = evaluation_models
     config, layout, judges, folder, scenes, seeds, first = evaluated
     again = he.run_evaluation(tiny_models, config, layout, judges, folder, scenes, seeds, progress=None)
     assert again.reused == 4 and json.dumps(again.rows) == json.dumps(first.rows)  # (nan != nan in a dict)
