@@ -2,8 +2,8 @@
 
 Stage order (a module imports only from modules before it; ``tests/test_structure.py`` checks it):
 
-    config -> prompts -> io -> world -> profiles -> models -> notebook -> data -> adapters -> layout -> designer
-    -> training -> pipeline -> scoring -> measures -> qa -> evaluation -> figures -> run -> world_train -> world_eval
+    config -> prompts -> io -> world -> profiles -> models -> notebook -> data -> adapters -> layout -> measures -> designer
+    -> training -> pipeline -> scoring -> qa -> evaluation -> figures -> run -> world_train -> world_eval
 
 ``config`` is plain data; ``prompts`` derives every prompt of a run from the one scene prompt; ``io`` writes files atomically; ``world`` renders the offline world; ``profiles`` says where each profile's weights come from and
 ``models`` loads them into one bundle of pipelines with the NaN-guarded decode; ``notebook`` builds the config a

@@ -117,6 +117,9 @@ class ProjectConfig:
     # a subject pass runs at its crop's own size (UNet work grows with the pixels), never below this: SDXL draws
     # poorly under ~768 px. The small profiles keep their one native size.
     subject_pass_min_size: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=768, world=128)
+    # Phase 0's objects of a subject's class outside every region (ghosts) are found and painted over with the scene's
+    # setting before the subject passes, at most this many rounds (0: leave them)
+    ghost_cleanup_rounds: int = setting(2, "generation", low=0)
     # torch.compile the UNet once (minutes of warm-up, then faster passes; fused weights change values, not graphs)
     compile_unet: bool = setting(False, "generation")
     # training

@@ -25,16 +25,19 @@ from PIL import Image
 from .config import ProjectConfig
 from .io import save_image_atomic, write_json_atomic, write_text_atomic
 from .layout import Layout, MaskSet, masks
-from .measures import class_present, find_ghosts, own_crops, own_pixels, split_world, split_world_distance
+from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, split_world,
+                       split_world_distance)
 from .models import ModelBundle
-from .pipeline import coarse_to_fine, one_pass_baseline
+from .pipeline import GenerationResult, coarse_to_fine, one_pass_baseline, region_pass, subject_seed
 from .profiles import light_judge
 from .prompts import config_scene_prompts, evaluation_scenes
 from .qa import qa_loop, subject_thresholds
 from .scoring import ClipScorer
 
-METHODS = ("baseline", "ours", "ours+qa")
+METHODS = ("baseline", "ours", "ours+qa", "ours+reroll")
 REFERENCE_METHOD = "baseline"
+# what the QA loop is compared with: ours, and the same number of passes spent as plain re-rolls (no judge)
+QA_COMPARISONS = (("ours+qa", "ours"), ("ours+qa", "ours+reroll"))
 
 # Every metric of the report, in one sentence; "↑"/"↓": which way is better.
 METRICS: dict[str, tuple[str, str]] = {
@@ -71,6 +74,10 @@ class Judges:
     @classmethod
     def for_config(cls, config: ProjectConfig, scorer: ClipScorer, dino=None) -> Judges:
         return cls(scorer, subject_thresholds(scorer, config), config.presence_classes(), light_judge(config), dino)
+
+    def ghost_finder(self, config: ProjectConfig):
+        """The pipeline's ghost finder (Phase 0's cleanup) with this scorer and vocabulary."""
+        return ghost_finder(self.scorer, config)
 
     def skipped(self) -> list[str]:
         """Metrics this profile cannot compute, for the report."""
@@ -156,7 +163,22 @@ class Run:
         return f"scene{self.scene_index}_seed{self.seed}"
 
 
-IMAGES_OF_A_RUN = ("baseline", "coarse", "ours", "ours+qa")
+def rerolls(models: ModelBundle, config: ProjectConfig, result: GenerationResult,
+            passes: dict[str, int]) -> Image.Image:
+    """The QA loop's passes spent without its judgement: for each subject as many new passes as the loop ran for it,
+    from the same picture, with the first pass's prompt and strength and the loop's seeds; the last one is kept."""
+    prompts = config_scene_prompts(config, result.scene_prompt)
+    image = result.final
+    for index, region in enumerate(result.layout.regions):
+        subject = config.subject(region.subject)
+        start = image
+        for attempt in range(1, passes.get(subject.name, 0) + 1):
+            image, _ = region_pass(models, config, start, result.masks, subject, subject_seed(result.seed, index, attempt),
+                                   config.inpaint_strength, prompts.passes[subject.name])
+    return image
+
+
+IMAGES_OF_A_RUN = ("baseline", "coarse", "ours", "ours+qa", "ours+reroll")
 
 
 def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, scene_index: int,
@@ -167,12 +189,16 @@ def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, jud
     t0 = time.perf_counter()
     baseline = one_pass_baseline(models, config, seed=seed, scene_prompt=scene)
     t_base = time.perf_counter() - t0
-    result = coarse_to_fine(models, config, layout, scene, seed)
+    result = coarse_to_fine(models, config, layout, scene, seed, judges.ghost_finder(config))
     outcome = qa_loop(models, result, config, judges.scorer, judges.thresholds)
+    t0 = time.perf_counter()
+    rerolled = rerolls(models, config, result, {n: s["refinements"] for n, s in outcome.summary.items()})
+    t_reroll = time.perf_counter() - t0
     pictures = {"baseline": (baseline, t_base), "ours": (result.final, result.seconds["total"]),
-                "ours+qa": (outcome.final, result.seconds["total"] + outcome.seconds)}
+                "ours+qa": (outcome.final, result.seconds["total"] + outcome.seconds),
+                "ours+reroll": (rerolled, result.seconds["total"] + t_reroll)}
     run = Run(scene_index, scene, seed, [], prompts={"phase0": prompts.phase0, "baseline": prompts.baseline,
-                                                     "passes": prompts.passes},
+                                                     "passes": prompts.passes, "ghosts_removed": result.ghosts_removed},
               qa={"thresholds": outcome.thresholds, "log": outcome.log,
                   "ablation": [{"scene_index": scene_index, "seed": seed, **a} for a in outcome.ablation_rows()]})
     for method, (image, seconds) in pictures.items():
@@ -184,7 +210,10 @@ def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, jud
                              "seconds": seconds, "outside_max_diff": outside})
     if folder is not None:
         target = Path(folder) / run.name
-        images = {"baseline": baseline, "coarse": result.coarse, "ours": result.final, "ours+qa": outcome.final}
+        images = {"baseline": baseline, "coarse": result.coarse, "ours": result.final, "ours+qa": outcome.final,
+                  "ours+reroll": rerolled}
+        if result.scene is not None:
+            images["phase0_with_ghosts"] = result.scene
         images.update({f"stage_{i + 1}_{p.subject}": stage for i, (p, stage) in
                        enumerate(zip(result.passes, result.stages))})
         for label, image in images.items():
@@ -329,22 +358,29 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired_differences(rows: list[dict], reference: str = REFERENCE_METHOD) -> list[dict]:
-    """For every other method and metric: the mean over pictures of (method − reference) on the same (scene, seed),
-    the half-width of its 95 % interval and the number of pairs."""
+def paired_differences(rows: list[dict], reference: str = REFERENCE_METHOD,
+                       methods: tuple[str, ...] | None = None) -> list[dict]:
+    """For every other method (or ``methods``) and metric: the mean over pictures of (method − reference) on the
+    same (scene, seed), the half-width of its 95 % interval and the number of pairs."""
     metrics = report_metrics(rows)
     images = per_image(rows, metrics)
     out = []
-    for method in METHODS:
+    for method in methods or METHODS:
         if method == reference or not any(k[0] == method for k in images):
             continue
-        entry = {"method": method}
+        entry = {"method": method, "reference": reference}
         for m in metrics:
             diffs = [images[k][m] - images[(reference, *k[1:])][m] for k in images
                      if k[0] == method and (reference, *k[1:]) in images]
             entry[f"{m}_diff"], entry[f"{m}_ci95"], entry[f"{m}_n"] = mean_interval(np.array(diffs))
         out.append(entry)
     return out
+
+
+def qa_differences(rows: list[dict]) -> list[dict]:
+    """ours+QA against ours and against the same passes spent as plain re-rolls, paired."""
+    return [entry for method, reference in QA_COMPARISONS
+            for entry in paired_differences(rows, reference, (method,))]
 
 
 def _fmt(mean: float, half: float, signed: bool = False) -> str:
@@ -367,11 +403,11 @@ def summary_table(summary: list[dict]) -> str:
     return markdown_table(rows)
 
 
-def paired_table(paired: list[dict], reference: str = REFERENCE_METHOD) -> str:
-    """Per method: every metric's paired difference to the reference, "Δ ± 95 % half-width (n pairs)"."""
+def paired_table(paired: list[dict]) -> str:
+    """Per method: every metric's paired difference to its reference, "Δ ± 95 % half-width (n pairs)"."""
     rows = []
     for entry in paired:
-        row = {"method": f"{entry['method']} − {reference}"}
+        row = {"method": f"{entry['method']} − {entry['reference']}"}
         for m, (better, _) in METRICS.items():
             if f"{m}_diff" in entry:
                 row[f"Δ {m} {better}"] = f"{_fmt(entry[f'{m}_diff'], entry[f'{m}_ci95'], True)} (n={entry[f'{m}_n']})"
@@ -418,6 +454,6 @@ def run_masks(config: ProjectConfig, layout: Layout) -> MaskSet:
 
 
 __all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "cosine_matrix",
-           "leakage_matrix", "Run", "evaluate_run", "run_evaluation", "load_runs", "Evaluation", "summarize",
+           "leakage_matrix", "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs", "Evaluation", "summarize",
            "paired_differences", "summary_table", "paired_table", "metric_definitions", "write_csv",
            "markdown_table", "per_image", "mean_interval", "run_masks"]

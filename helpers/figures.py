@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from .config import ProjectConfig
 from .evaluation import (METRICS, Evaluation, Judges, Run, leakage_matrix, metric_definitions, paired_differences,
-                         paired_table, run_masks, summarize, summary_table, write_csv)
+                         paired_table, qa_differences, run_masks, summarize, summary_table, write_csv)
 from .io import atomic_path, write_text_atomic
 from .layout import SUBJECT_COLORS as COLORS
 from .layout import Layout, MaskSet
@@ -160,7 +160,8 @@ def outlined(image: Image.Image, masks_: MaskSet, names: list[str], ghosts: list
     return out
 
 
-RUN_PICTURES = {"baseline": "baseline", "coarse": "Phase 0", "ours": "ours", "ours_qa": "ours+QA"}
+RUN_PICTURES = {"baseline": "baseline", "coarse": "Phase 0", "ours": "ours", "ours_qa": "ours+QA",
+                "ours_reroll": "ours+re-rolls"}
 
 
 def figure_runs(runs: list[Run], count: int = 4) -> list[Run]:
@@ -176,7 +177,8 @@ def figure_runs(runs: list[Run], count: int = 4) -> list[Run]:
 
 def methods_grid(runs: list[Run], runs_dir: Path, masks_: MaskSet, names: list[str]) -> plt.Figure:
     """One row per (scene, seed): baseline | Phase 0 | ours | ours+QA, regions outlined, ghosts boxed in red."""
-    ghost_key = {"baseline": "baseline", "coarse": None, "ours": "ours", "ours_qa": "ours+qa"}
+    ghost_key = {"baseline": "baseline", "coarse": None, "ours": "ours", "ours_qa": "ours+qa",
+                 "ours_reroll": "ours+reroll"}
     images, titles = [], []
     for run in runs:
         for label, title in RUN_PICTURES.items():
@@ -238,11 +240,13 @@ def write_evaluation_report(evaluation: Evaluation, judges: Judges, layout: Layo
     write_csv(rows, report_dir / "metrics.csv")
     if evaluation.qa_ablation:
         write_csv(evaluation.qa_ablation, report_dir / "qa_ablation.csv")
-    summary, paired = summarize(rows), paired_differences(rows)
+    summary, paired, qa_paired = summarize(rows), paired_differences(rows), qa_differences(rows)
     figures = report_figures(evaluation, summary, paired, layout, judges.scorer, config, loss_histories,
                              report_dir / "figures")
     tables = {"Paired difference to the baseline (same scene and seed; mean over pictures ± 95 % interval)":
               paired_table(paired),
+              "The QA loop against ours and against the same passes spent as plain re-rolls (paired)":
+              paired_table(qa_paired),
               "Means per method (± 95 % interval over pictures)": summary_table(summary)}
     scenes = sorted({(r.scene_index, r.scene) for r in evaluation.runs})
     seeds = sorted({r.seed for r in evaluation.runs})
@@ -256,7 +260,8 @@ def write_evaluation_report(evaluation: Evaluation, judges: Judges, layout: Layo
              "use Student's t over the pictures' differences.",
              *metric_definitions(judges)]
     html_path, md_path = write_report(report_dir, config, tables, figures, notes)
-    return {"summary": summary, "paired": paired, "figures": figures, "html": html_path, "markdown": md_path}
+    return {"summary": summary, "paired": paired, "qa_paired": qa_paired, "figures": figures, "html": html_path,
+            "markdown": md_path}
 
 
 def _profile_banner(config: ProjectConfig) -> str:

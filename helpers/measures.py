@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .config import ProjectConfig
 from .layout import MaskSet
 
 BORDER_PX = 4  # the picture's outer rows and columns that tell its background colour
@@ -144,6 +145,31 @@ def class_present(scorer, crop: Image.Image, class_name: str, classes: list[str]
 class Ghost:
     box: tuple[int, int, int, int]
     class_name: str
+
+
+def ghost_finder(scorer, config: ProjectConfig):
+    """``find_ghosts`` as the pipeline's ghost finder for ``config``'s subjects and class vocabulary:
+    (picture, masks) -> ghost boxes."""
+    subject_classes, classes = [s.class_name for s in config.subjects], config.presence_classes()
+
+    def find(image: Image.Image, masks_: MaskSet) -> list[tuple[int, int, int, int]]:
+        return [g.box for g in find_ghosts(scorer, image, masks_, subject_classes, classes)]
+
+    return find
+
+
+def grown_box_mask(boxes: list, size: tuple[int, int], grow: float, feather: int) -> np.ndarray:
+    """A soft mask (H x W, 0..1) covering every box grown by ``grow`` of its size on each side, feathered inward."""
+    width, height = size
+    hard = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        dx, dy = grow * (x1 - x0), grow * (y1 - y0)
+        hard[max(0, int(y0 - dy)):min(height, int(np.ceil(y1 + dy))),
+             max(0, int(x0 - dx)):min(width, int(np.ceil(x1 + dx)))] = True
+    if feather <= 0:
+        return hard.astype(np.float32)
+    inside = ndimage.distance_transform_edt(np.pad(hard, 1, mode="edge"))[1:-1, 1:-1]  # the frame is no edge
+    return np.clip(inside / feather, 0.0, 1.0).astype(np.float32)
 
 
 def find_ghosts(scorer, image: Image.Image, masks_: MaskSet, subject_classes: list[str],

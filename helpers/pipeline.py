@@ -11,6 +11,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,8 +21,12 @@ from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, fused_adapte
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
 from .layout import Layout, LayoutError, MaskSet, masks, validate_layout
+from .measures import grown_box_mask
 from .models import ModelBundle
-from .prompts import config_scene_prompts, expand_placeholders, expand_subjects
+from .prompts import ScenePrompts, config_scene_prompts, expand_placeholders, expand_subjects
+
+# (picture, masks) -> the boxes of objects of a subject's class outside every region (``measures.ghost_finder``)
+GhostFinder = Callable[[Image.Image, MaskSet], list[tuple[int, int, int, int]]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,6 +87,8 @@ class GenerationResult:
     passes: list[SubjectPass] = field(default_factory=list)
     stages: list[Image.Image] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    scene: Image.Image | None = None  # Phase 0 before its ghosts were painted over (None: nothing was painted)
+    ghosts_removed: list[list[int]] = field(default_factory=list)  # boxes painted over, round by round
 
     @property
     def final(self) -> Image.Image:
@@ -91,12 +98,15 @@ class GenerationResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_image_atomic(self.coarse, folder / "coarse.png")
+        if self.scene is not None:
+            save_image_atomic(self.scene, folder / "scene_with_ghosts.png")
         for i, (p, stage) in enumerate(zip(self.passes, self.stages)):
             save_image_atomic(stage, folder / f"stage_{i + 1}_{p.subject}.png")
         save_image_atomic(self.final, folder / "composite.png")
         write_json_atomic(folder / "result.json", {
             "scene_prompt": self.scene_prompt, "seed": self.seed, "layout": self.layout.to_dict(),
-            "passes": [asdict(p) for p in self.passes], "seconds": self.seconds})
+            "passes": [asdict(p) for p in self.passes], "seconds": self.seconds,
+            "ghosts_removed": self.ghosts_removed})
         return folder
 
     @classmethod
@@ -110,8 +120,10 @@ class GenerationResult:
         coarse = Image.open(folder / "coarse.png").convert("RGB")
         passes = [SubjectPass(**{**p, "crop_box": tuple(p["crop_box"])}) for p in summary["passes"]]
         stages = [Image.open(folder / f"stage_{i + 1}_{p.subject}.png").convert("RGB") for i, p in enumerate(passes)]
+        scene = folder / "scene_with_ghosts.png"
         return cls(summary["scene_prompt"], summary["seed"], layout, masks(layout, *coarse.size, feather), coarse,
-                   passes, stages, summary["seconds"])
+                   passes, stages, summary["seconds"], Image.open(scene).convert("RGB") if scene.exists() else None,
+                   summary.get("ghosts_removed", []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,6 +165,15 @@ def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int
     return int(min(config.resolution, max(side, config.subject_pass_min_size)))
 
 
+def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Image, mask: Image.Image,
+                    strength: float, seed: int, size: int, **text) -> torch.Tensor:
+    """The project's one inpainting call: ``image`` repainted inside ``mask`` at ``size``, steps and guidance from the
+    config; ``text``: a prompt and negative prompt, or their embeddings. Latents out (decode with the NaN guard)."""
+    return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
+                          num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                          generator=models.generator(seed), output_type="latent").images
+
+
 def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet, subject: Subject,
                 seed: int, strength: float, prompt: str | None = None,
                 emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
@@ -184,10 +205,7 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
             else:
                 text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
         with record_function("pass/inpaint"):
-            latents = models.inpaint(
-                **text, image=crop, mask_image=mask_crop, strength=strength, height=size, width=size,
-                num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                generator=models.generator(seed), output_type="latent").images
+            latents = inpaint_latents(models, config, crop, mask_crop, strength, seed, size, **text)
     with record_function("pass/decode"):
         painted = models.decode(latents)[0]
     with record_function("pass/paste"):
@@ -200,10 +218,33 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     return result, info
 
 
+def remove_ghosts(models: ModelBundle, config: ProjectConfig, scene: Image.Image, masks_: MaskSet,
+                  prompts: ScenePrompts, seed: int, find_ghosts: GhostFinder) -> tuple[Image.Image, list[list[int]]]:
+    """Phase 0's own objects of a subject's class outside every region, painted over with the scene's setting (base
+    model, the subjects' classes as negative prompt), at most ``ghost_cleanup_rounds`` rounds; the regions
+    themselves are left to the subject passes. Returns the cleaned scene and the boxes painted over."""
+    negative = ", ".join(filter(None, [config.negative_prompt,
+                                       *dict.fromkeys(s.class_name for s in config.subjects)]))
+    removed: list[list[int]] = []
+    for round_ in range(config.ghost_cleanup_rounds):
+        boxes = find_ghosts(scene, masks_)
+        if not boxes:
+            break
+        soft = grown_box_mask(boxes, scene.size, grow=0.25, feather=config.effective_feather_px)
+        with only_adapter(models, None), torch.no_grad():
+            latents = inpaint_latents(models, config, scene, Image.fromarray((soft > 0).astype(np.uint8) * 255), 1.0,
+                                      seed + 7919 * (round_ + 1), config.resolution, prompt=prompts.empty_setting,
+                                      negative_prompt=negative)
+        scene = blend_in_mask(scene, models.decode(latents)[0], soft)
+        removed += [list(box) for box in boxes]
+    return scene, removed
+
+
 def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, scene_prompt: str | None = None,
-                   seed: int | None = None) -> GenerationResult:
-    """Phase 0 (the scene as written, no LoRA) then Phase 1 (each subject inpainted with only its own LoRA and its
-    words in the scene's setting), in layout order."""
+                   seed: int | None = None, find_ghosts: GhostFinder | None = None) -> GenerationResult:
+    """Phase 0 (the scene as written, no LoRA; with ``find_ghosts``, its objects of a subject's class outside every
+    region painted over with the scene's setting) then Phase 1 (each subject inpainted with only its own LoRA and
+    its words in the scene's setting), in layout order."""
     scene_prompt = scene_prompt or config.scene_prompt
     prompts = config_scene_prompts(config, scene_prompt)  # a scene that does not name a subject stops here
     seed = config.seed if seed is None else seed
@@ -211,8 +252,12 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
     masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
     start = time.perf_counter()
     coarse = generate(models, config, prompts.phase0, seed, adapter=None)
+    scene, removed = coarse, []
+    if find_ghosts is not None and config.ghost_cleanup_rounds:
+        coarse, removed = remove_ghosts(models, config, scene, masks_, prompts, seed, find_ghosts)
     result = GenerationResult(scene_prompt, seed, layout, masks_, coarse,
-                              seconds={"phase0": time.perf_counter() - start})
+                              seconds={"phase0": time.perf_counter() - start},
+                              scene=scene if removed else None, ghosts_removed=removed)
     image = coarse
     for index, region in enumerate(layout.regions):
         subject = config.subject(region.subject)

@@ -58,6 +58,11 @@ class ScenePrompts:
     def setting_words(self) -> list[str]:
         return words(self.setting)
 
+    @property
+    def empty_setting(self) -> str:
+        """The scene without its subjects ("on grass, cool light"): what a ghost is painted over with."""
+        return _tidy(f"{self.setting_prefix} {self.setting_suffix}").strip(" ,")
+
     def qa(self, subject: str) -> str:
         """The QA loop's prompt for ``subject`` (its pass prompt; the loop weights the token and class word up)."""
         return self.passes[subject]

@@ -2,8 +2,11 @@
 
 Scores come from a ``scoring.Scorer`` on each subject's own pixels (``measures.own_crop``: its support without its
 neighbours'): identity = against that subject's reference photos (CLIP-I), prompt adherence = against "a photo of a
-{class}" (CLIP-T), a leakage row = against every subject's references. Refinement reuses ``pipeline.region_pass`` with
-the subject's prompt in the scene's setting, its token and class word weighted up. No plots.
+{class}" (CLIP-T), a leakage row = against every subject's references, and the class the scorer names the object
+located there. A subject fails by the first rule it breaks: its class is not what the region shows, its identity is
+below its threshold, or another subject's photos match it better (leak); the log names the rule. Refinement reuses
+``pipeline.region_pass`` with the subject's prompt in the scene's setting, its token and class word weighted up. No
+plots.
 """
 from __future__ import annotations
 
@@ -58,6 +61,8 @@ class SubjectScore:
     prompt: float
     leakage: dict[str, float]
     threshold: float
+    class_name: str = ""  # the subject's class
+    named_as: str | None = None  # what the scorer named the object in the region (None: nothing found)
 
     @property
     def leaked_to(self) -> str | None:
@@ -67,23 +72,46 @@ class SubjectScore:
         return max(rivals, key=rivals.get) if rivals else None
 
     @property
+    def class_present(self) -> bool:
+        return self.named_as == self.class_name
+
+    @property
+    def rule(self) -> str | None:
+        """The first rule the region breaks (class, identity, leak), or None when it passes."""
+        if not self.class_present:
+            return "class"
+        if self.identity < self.threshold:
+            return "identity"
+        if self.leaked_to:
+            return "leak"
+        return None
+
+    @property
     def passed(self) -> bool:
-        return self.identity >= self.threshold and self.leaked_to is None
+        return self.rule is None
+
+    def rank(self) -> tuple:
+        """Candidates compare by: passes, shows its class, identity."""
+        return self.passed, self.class_present, self.identity
 
     def reason(self) -> str:
-        if self.identity < self.threshold:
-            return f"identity {self.identity:.3f} < threshold {self.threshold:.3f}"
-        if self.leaked_to:
-            return f"region looks more like {self.leaked_to!r} ({self.leakage[self.leaked_to]:.3f})"
+        if self.rule == "class":
+            seen = f"a {self.named_as}" if self.named_as else "nothing"
+            return f"class: the region shows {seen}, not a {self.class_name}"
+        if self.rule == "identity":
+            return f"identity: {self.identity:.3f} < threshold {self.threshold:.3f}"
+        if self.rule == "leak":
+            return f"leak: the region looks more like {self.leaked_to!r} ({self.leakage[self.leaked_to]:.3f})"
         return "passed"
 
 
 def score_subject(scorer: Scorer, image: Image.Image, result: GenerationResult, subject: Subject,
-                  threshold: float) -> SubjectScore:
+                  threshold: float, classes: list[str]) -> SubjectScore:
     """Scores of the subject's own pixels (its support minus its neighbours'; ``measures.own_crop``)."""
     crop = own_crop(image, result.masks, subject.name)
     row = scorer.leakage_row(crop, subject.name)
-    return SubjectScore(row[subject.name], scorer.prompt_score(crop, subject.class_prompt), row, threshold)
+    return SubjectScore(row[subject.name], scorer.prompt_score(crop, subject.class_prompt), row, threshold,
+                        subject.class_name, scorer.name_class(crop, classes))
 
 
 @dataclass
@@ -103,6 +131,7 @@ class QAOutcome:
     def ablation_rows(self) -> list[dict]:
         """Per subject: score without the loop, with it, and what the loop did."""
         return [{"subject": name, "identity_before": round(s["before"], 4), "identity_after": round(s["after"], 4),
+                 "class_before": s["class_before"], "class_after": s["class_after"], "failed_rule": s["rule_before"],
                  "threshold": round(self.thresholds[name], 4), "refinements": s["refinements"],
                  "kept_attempt": s["kept_attempt"], "passed": s["passed"]} for name, s in self.summary.items()]
 
@@ -116,10 +145,11 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     outcome = QAOutcome(result.final, thresholds=thresholds)
     image = result.final
     prompts = config_scene_prompts(config, result.scene_prompt)
+    classes = config.presence_classes()
     for index, region in enumerate(result.layout.regions):
         subject = config.subject(region.subject)
         t0 = time.perf_counter()
-        score = score_subject(scorer, image, result, subject, thresholds[subject.name])
+        score = score_subject(scorer, image, result, subject, thresholds[subject.name], classes)
         best_score, best_image, best_attempt = score, image, 0
         outcome.log.append(_log_entry(subject, 0, None, score, "pass" if score.passed else "refine",
                                       time.perf_counter() - t0))
@@ -128,10 +158,13 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
             attempt += 1
             t0 = time.perf_counter()
             seed = subject_seed(result.seed, index, attempt)
-            candidate, _ = region_pass(models, config, image, result.masks, subject, seed, config.refine_strength,
+            # a region without its subject is painted anew at the first pass's strength; one that shows it is
+            # adjusted at the lower refine strength, which keeps what is there
+            strength = config.inpaint_strength if best_score.rule == "class" else config.refine_strength
+            candidate, _ = region_pass(models, config, image, result.masks, subject, seed, strength,
                                        prompt=prompts.qa(subject.name), emphasis_weight=config.prompt_boost)
-            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name])
-            better = (cand_score.passed, cand_score.identity) > (best_score.passed, best_score.identity)
+            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name], classes)
+            better = cand_score.rank() > best_score.rank()
             if better:
                 best_score, best_image, best_attempt = cand_score, candidate, attempt
             decision = ("pass" if cand_score.passed else "retry" if attempt < config.max_retries else "give up")
@@ -139,8 +172,10 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
             outcome.log.append(_log_entry(subject, attempt, seed, cand_score, decision, time.perf_counter() - t0))
         image = best_image  # candidates differ from ``image`` only inside this subject's mask
         outcome.summary[subject.name] = {"before": score.identity, "after": best_score.identity,
-                                         "refinements": attempt, "kept_attempt": best_attempt,
-                                         "passed": best_score.passed, "reason": best_score.reason()}
+                                         "class_before": score.class_present, "class_after": best_score.class_present,
+                                         "rule_before": score.rule, "refinements": attempt,
+                                         "kept_attempt": best_attempt, "passed": best_score.passed,
+                                         "reason": best_score.reason()}
     outcome.final = image
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -160,7 +195,8 @@ def loop_invariants(outcome: QAOutcome, config: ProjectConfig) -> dict[str, bool
     facts["never more than max_retries refinements"] = all(
         len(entries) - 1 <= config.max_retries for entries in by_subject.values())
     facts["the kept attempt is the best logged"] = all(
-        max(entries, key=lambda e: (e["passed"], e["identity"]))["attempt"] == outcome.summary[name]["kept_attempt"]
+        max(entries, key=lambda e: (e["passed"], e["class_present"], e["identity"]))["attempt"]
+        == outcome.summary[name]["kept_attempt"]
         for name, entries in by_subject.items())
     facts["every decision has a reason"] = all(entry["reason"] for entry in outcome.log)
     return facts
@@ -170,7 +206,8 @@ def _log_entry(subject: Subject, attempt: int, seed: int | None, score: SubjectS
                seconds: float) -> dict:
     return {"subject": subject.name, "attempt": attempt, "seed": seed, "identity": round(score.identity, 6),
             "prompt_score": round(score.prompt, 6), "leakage": {k: round(v, 6) for k, v in score.leakage.items()},
-            "threshold": round(score.threshold, 6), "passed": score.passed, "reason": score.reason(),
+            "threshold": round(score.threshold, 6), "class_present": score.class_present, "named_as": score.named_as,
+            "rule": score.rule, "passed": score.passed, "reason": score.reason(),
             "decision": decision, "seconds": round(seconds, 4)}
 
 
@@ -180,7 +217,7 @@ def score_table(scorer: Scorer, image: Image.Image, result: GenerationResult, co
     rows = []
     for region in result.layout.regions:
         subject = config.subject(region.subject)
-        s = score_subject(scorer, image, result, subject, thresholds[subject.name])
+        s = score_subject(scorer, image, result, subject, thresholds[subject.name], config.presence_classes())
         rows.append({"subject": subject.name, **{k: v for k, v in asdict(s).items() if k != "leakage"},
-                     "passed": s.passed, "reason": s.reason()})
+                     "class_present": s.class_present, "passed": s.passed, "reason": s.reason()})
     return rows

@@ -335,4 +335,5 @@ def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str
     print(f"report: {report['html']} ({time.perf_counter() - start:.0f} s)")
     print(he.summary_table(report["summary"]))
     print(he.paired_table(report["paired"]))
+    print(he.paired_table(report["qa_paired"]))
     return 0

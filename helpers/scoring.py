@@ -16,6 +16,7 @@ from PIL import Image
 from .config import ProjectConfig
 from .data import load_subject_photos
 from .io import write_text_atomic
+from .measures import name_object
 from .models import default_device
 from .notebook import make_config
 from .profiles import WORLD_DIR, WORLD_SCORER_NAME, ModelUnavailableError, check_hub_weights
@@ -47,6 +48,8 @@ class Scorer(Protocol):
     def prompt_score(self, image: Image.Image, text: str) -> float: ...
 
     def reference_similarity(self, subject: str) -> float: ...
+
+    def name_class(self, image: Image.Image, classes: list[str]) -> str | None: ...
 
 
 class ClipScorer:
@@ -99,6 +102,10 @@ class ClipScorer:
         if text not in self._text_embeddings:
             self._text_embeddings[text] = self.embed_texts([text])
         return float((self.embed_images([image]) @ self._text_embeddings[text].T).item())
+
+    def name_class(self, image: Image.Image, classes: list[str]) -> str | None:
+        """The class (among ``classes``) of the largest object located in ``image``; None when nothing stands out."""
+        return name_object(self, image, classes)
 
     def reference_similarity(self, subject: str) -> float:
         """Mean pairwise similarity of a subject's own photos (nan with a single photo)."""

@@ -129,9 +129,9 @@ def test_every_method_runs_on_the_same_scene_and_seed_and_every_metric_is_a_colu
 
     config, layout, judges, folder, scenes, seeds, evaluation = evaluated
     rows = evaluation.rows
-    assert len(rows) == len(scenes) * len(seeds) * 3 * len(config.subjects)
+    assert len(rows) == len(scenes) * len(seeds) * len(he.METHODS) * len(config.subjects)
     pairs = {m: sorted({(r["scene_index"], r["seed"]) for r in rows if r["method"] == m}) for m in he.METHODS}
-    assert pairs["baseline"] == pairs["ours"] == pairs["ours+qa"] and len(pairs["ours"]) == 4
+    assert all(pairs[m] == pairs["baseline"] for m in he.METHODS) and len(pairs["ours"]) == 4
     run = evaluation.runs[-1]
     assert run.prompts["baseline"] == "a sks cat left of a zwx mug on grass, cool light"
     assert all("grass, cool light" in p for p in run.prompts["passes"].values())
@@ -140,6 +140,7 @@ def test_every_method_runs_on_the_same_scene_and_seed_and_every_metric_is_a_colu
     assert [m for m in he.METRICS if m != "dino"] == [m for m in he.METRICS if m in header]
     markdown = report["markdown"].read_text()
     assert "ours − baseline" in markdown and "ours+qa − baseline" in markdown and "(n=4)" in markdown
+    assert "ours+qa − ours |" in markdown and "ours+qa − ours+reroll" in markdown
     assert "not measured on this profile: light_error, dino" in markdown
     assert all(path.exists() for path in report["figures"].values())
 

@@ -147,3 +147,28 @@ def test_a_pass_runs_at_its_crops_size_between_the_floor_and_the_resolution(tiny
     assert hp.pass_size(tiny_models, config, 40) == 96  # a small crop is upscaled to the floor
     assert hp.pass_size(tiny_models, config, 256) == 256
     assert hp.pass_size(tiny_models, config.replace(compile_unet=True), 200) == 256  # one compiled graph
+
+
+def test_phase0s_ghosts_are_painted_over_with_the_base_model_and_nothing_else_changes(tiny_models, tiny_config,
+                                                                                      layout, result, unet_spy,
+                                                                                      tmp_path):
+    calls = []
+
+    def finder(image, masks_):  # a ghost at the top left the first time, none after the cleanup
+        calls.append(np.asarray(image).copy())
+        return [(2, 2, 12, 10)] if len(calls) == 1 else []
+
+    cleaned = hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=11, find_ghosts=finder)
+    assert cleaned.ghosts_removed == [[2, 2, 12, 10]] and len(calls) == 2
+    assert np.array_equal(np.asarray(cleaned.scene), np.asarray(result.coarse))  # Phase 0 as it was drawn
+    changed = np.any(np.asarray(cleaned.coarse) != np.asarray(cleaned.scene), axis=-1)
+    ys, xs = np.nonzero(changed)
+    assert changed.any() and xs.min() >= 0 and xs.max() < 15 and ys.max() < 13  # the box grown by 25 %, no more
+    assert outside_mask_max_diff(cleaned.final, cleaned.coarse, cleaned.masks) == 0
+    assert unet_spy.runs() == [(), ("cat",), ("mug",)]  # the cleanup ran with every LoRA off
+    loaded = hp.GenerationResult.load(cleaned.save(tmp_path / "r"), tiny_config.effective_feather_px)
+    assert loaded.ghosts_removed == [[2, 2, 12, 10]]
+    assert np.array_equal(np.asarray(loaded.scene), np.asarray(cleaned.scene))
+    untouched = hp.coarse_to_fine(tiny_models, tiny_config, layout, seed=11, find_ghosts=lambda image, masks_: [])
+    assert untouched.scene is None and untouched.ghosts_removed == []
+    assert np.array_equal(np.asarray(untouched.final), np.asarray(result.final))

@@ -13,12 +13,15 @@ class ScriptedScorer:
     """Identity answers the test controls: per subject, a list of scores for successive calls (last one repeats).
     The loop tells it which subject's region it scores (the ``Scorer`` protocol), so nothing is monkeypatched."""
 
-    def __init__(self, script, references=0.9, rival=0.1):
+    def __init__(self, script, references=0.9, rival=0.1, named=None):
         self.script = {k: list(v) for k, v in script.items()}
         self.subject_names = list(script)
         self.calls = {k: 0 for k in script}
         self.rival = rival
         self.references = references
+        self.named = {k: list(v) for k, v in (named or {}).items()}  # what each region is named, call by call
+        self.named_calls = {k: 0 for k in script}
+        self.last_region = None
 
     def next_identity(self, subject):
         values = self.script[subject]
@@ -27,7 +30,16 @@ class ScriptedScorer:
         return value
 
     def leakage_row(self, image, region_subject):
+        self.last_region = region_subject
         return {s: (self.next_identity(s) if s == region_subject else self.rival) for s in self.subject_names}
+
+    def name_class(self, image, classes):
+        """The region's own class (the tiny subjects are named after their classes) unless the script says else."""
+        subject = self.last_region
+        values = self.named.get(subject) or [subject]
+        value = values[min(self.named_calls[subject], len(values) - 1)]
+        self.named_calls[subject] += 1
+        return value
 
     def prompt_score(self, image, text):
         return 0.3
@@ -53,8 +65,8 @@ def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
 
     monkeypatch.setattr(qa, "region_pass", spy)
 
-    def run(script, max_retries=2, **config_changes):
-        scorer = ScriptedScorer(script)
+    def run(script, max_retries=2, named=None, **config_changes):
+        scorer = ScriptedScorer(script, named=named)
         config = tiny_config.replace(max_retries=max_retries, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
                                      **config_changes)
         return qa.qa_loop(tiny_models, base_result, config, scorer), refinements
@@ -90,7 +102,8 @@ def test_never_more_than_max_retries(run_loop):
 def test_best_attempt_is_kept_even_when_a_later_one_is_worse(run_loop, base_result, tiny_models, tiny_config):
     outcome, _ = run_loop({"cat": [0.2, 0.45, 0.3], "mug": [0.9]})
     assert outcome.summary["cat"] == {"before": 0.2, "after": 0.45, "refinements": 2, "kept_attempt": 1,
-                                      "passed": False, "reason": "identity 0.450 < threshold 0.500"}
+                                      "class_before": True, "class_after": True, "rule_before": "identity",
+                                      "passed": False, "reason": "identity: 0.450 < threshold 0.500"}
     assert outcome.log[1]["decision"].endswith("best so far: attempt 1")
     assert outcome.log[2]["decision"].endswith("best so far: attempt 1")
     seed1 = outcome.log[1]["seed"]  # the kept image is attempt 1's: rebuild it and compare
@@ -111,6 +124,7 @@ def test_pixels_outside_refined_masks_are_untouched(run_loop, base_result):
 def test_leakage_fails_a_subject_even_above_threshold(tiny_models, tiny_config, base_result, monkeypatch):
     class Leaky(ScriptedScorer):
         def leakage_row(self, image, region_subject):
+            self.last_region = region_subject
             return {"cat": 0.8, "mug": 0.95}  # every region looks more like the mug
 
     scorer = Leaky({"cat": [0.8], "mug": [0.95]})
@@ -200,3 +214,19 @@ def test_loop_invariants_hold_and_catch_a_broken_log(run_loop, tiny_config):
     wrong_kept.summary["cat"]["kept_attempt"] = 0
     assert not qa.loop_invariants(wrong_kept, config)["the kept attempt is the best logged"]
     assert not qa.loop_invariants(outcome, tiny_config.replace(max_retries=0))["never more than max_retries refinements"]
+
+
+def test_a_region_without_its_class_is_repainted_at_the_first_pass_strength_and_the_rule_is_logged(run_loop,
+                                                                                                   tiny_config):
+    outcome, refinements = run_loop({"cat": [0.9], "mug": [0.9]}, named={"cat": [None, "mug", "cat"]})
+    cat_log = [e for e in outcome.log if e["subject"] == "cat"]
+    assert cat_log[0]["rule"] == "class" and cat_log[0]["reason"] == "class: the region shows nothing, not a cat"
+    assert cat_log[1]["reason"] == "class: the region shows a mug, not a cat" and cat_log[2]["passed"]
+    assert [r[2] for r in refinements] == [tiny_config.inpaint_strength] * 2  # a repaint, not a small adjustment
+    assert outcome.summary["cat"]["kept_attempt"] == 2 and outcome.summary["mug"]["refinements"] == 0
+
+
+def test_a_candidate_that_shows_its_class_beats_a_higher_identity_without_it(run_loop, tiny_config):
+    outcome, _ = run_loop({"cat": [0.1, 0.4, 0.3], "mug": [0.9]}, max_retries=2, named={"cat": ["cat", None, "cat"]})
+    assert outcome.summary["cat"]["kept_attempt"] == 2  # attempt 1 had the higher identity but showed no cat
+    assert all(qa.loop_invariants(outcome, tiny_config.replace(max_retries=2)).values())
