@@ -71,6 +71,17 @@ WORLD_SUBJECTS = [
     Subject("mug", "zwx", "mug", "data/world/mug", "loras/mug"),
 ]
 
+# Two subjects of one class, for the evaluation of whether each region keeps its own cat (``--preset two-cats``)
+WORLD_TWO_CATS = [
+    Subject("cat", "sks", "cat", "data/world/cat", "loras/cat"),
+    Subject("cat2", "ohwx", "cat", "data/world/cat2", "loras/cat2"),
+]
+PRESETS: dict[str, dict[str, Any]] = {
+    "two-cats": dict(subjects=WORLD_TWO_CATS, scene_prompt="a cat left of a cat on a wooden table, warm light",
+                     extra_scene_prompts=["a cat left of a cat on grass, cool light",
+                                          "a cat left of a cat under a night sky, neutral light"]),
+}
+
 
 def setting(default: Any, group: str, *, hashed: bool = False, low: float | None = None, high: float | None = None,
             above: float | None = None, below: float | None = None, choices: tuple | None = None,

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PROJECT_ROOT
+from .config import PRESETS, PROJECT_ROOT
 from .io import atomic_path, remove_leftover_temp_files, write_notebook_atomic, write_text_atomic
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--seeds", type=int, default=32, help="seeds per scene, from eval_seed_start (default 32)")
     evaluate.add_argument("--out", default="output/evaluation", help="folder of the LoRAs, runs and report")
     evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    evaluate.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                          help="subjects and scenes of a preset, e.g. two-cats (two subjects of one class)")
     evaluate.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                           help="a setting, e.g. -p inpaint_strength 0.9 (repeatable)")
     refresh = sub.add_parser("refresh-checked-outputs",
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     if args.command == "evaluate":
         params = {name: parse_value(value) for name, value in args.parameter}
+        params = {**(PRESETS[args.preset] if args.preset else {}), **params}
         return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
     if args.command == "clean-notebooks":
         import nbformat

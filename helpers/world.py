@@ -97,8 +97,11 @@ class PersonalSubject:
 PERSONAL_SUBJECTS = {
     "cat": PersonalSubject("cat", "cat", "purple", "dotted", "star"),
     "mug": PersonalSubject("mug", "mug", "orange", "striped", "heart"),
+    # a second cat, for scenes with two subjects of one class: its pattern and its mark occur in no base object
+    "cat2": PersonalSubject("cat2", "cat", "white", "checked", "diamond"),
 }
-EXCLUDED_LOOKS = {(s.cls, s.color, s.pattern) for s in PERSONAL_SUBJECTS.values()}
+# looks the base data leaves out (the second cat's pattern is not among PATTERNS at all, so sampling never meets it)
+EXCLUDED_LOOKS = {(s.cls, s.color, s.pattern) for s in PERSONAL_SUBJECTS.values() if s.pattern in PATTERNS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,6 +222,9 @@ def _pattern_mask(obj: WorldObject, size: int, window: tuple[slice, slice]) -> n
     if obj.pattern == "striped":
         period = max(4, w / 5)
         return ((xx + yy - x0 - y0) % period) < period * 0.4
+    if obj.pattern == "checked":  # only a personal subject wears it: base objects never do
+        period = max(4, w / 4)
+        return (((xx - x0) // (period / 2) + (yy - y0) // (period / 2)) % 2).astype(bool)
     if obj.pattern == "dotted":
         period = max(5, w / 4.5)
         u, v = (xx - x0) % period - period / 2, (yy - y0) % period - period / 2
@@ -236,7 +242,9 @@ def _mark(obj: WorldObject, size: int) -> Image.Image | None:
     cx, cy = (x0 + 0.45 * w, y0 + 0.72 * h) if obj.cls == "cat" else (x0 + (0.42 if obj.facing > 0 else 0.58) * w,
                                                                        y0 + 0.55 * h)
     r = 0.13 * w
-    if obj.mark == "star":
+    if obj.mark == "diamond":
+        d.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=255)
+    elif obj.mark == "star":
         points = [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
                    cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
         d.polygon(points, fill=255)
@@ -247,7 +255,7 @@ def _mark(obj: WorldObject, size: int) -> Image.Image | None:
     return mask
 
 
-MARK_COLORS = {"star": (245, 220, 40), "heart": (40, 90, 230)}
+MARK_COLORS = {"star": (245, 220, 40), "heart": (40, 90, 230), "diamond": (215, 30, 30)}
 
 
 def render(spec: SceneSpec, size: int = SIZE) -> Image.Image:

@@ -105,6 +105,42 @@ def two_object_binding(models: ModelBundle, config: ProjectConfig, scorer, n: in
     return Accuracy(correct, n)
 
 
+INPAINT_REGION_WIDTHS = (0.32, 0.44, 0.56)  # three region sizes, as fractions of the picture's side
+
+
+def inpaint_accuracy(models: ModelBundle, config: ProjectConfig, scorer, seeds: int = 8,
+                     first_seed: int = HELD_OUT_SEED) -> dict[str, Accuracy]:
+    """What the method asks of the base model, measured: "a {class} {setting}" inpainted into an empty region of a
+    rendered scene (no object anywhere), at the pass's strength, recognised as that class on the region's own
+    pixels; per region size and in all. Needs a bundle without subject LoRAs (the base model paints)."""
+    from .config import Subject
+    from .layout import Layout, Region, masks
+    from .measures import class_present, own_crop
+    from .pipeline import region_pass
+
+    hits: dict[str, list[int]] = {f"width {w}": [0, 0] for w in INPAINT_REGION_WIDTHS}
+    for s in range(seeds):
+        rng = random.Random(first_seed + s)
+        for width in INPAINT_REGION_WIDTHS:
+            height = min(0.9, 1.35 * width)
+            for cls in world.CLASSES:
+                left, top = rng.uniform(0.02, 0.98 - width), rng.uniform(max(0.02, 0.6 - height), 0.98 - height)
+                layout = Layout([Region("region", left, top, width, height)], config.resolution, config.resolution)
+                m = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
+                background, light = rng.choice(list(world.BACKGROUNDS)), rng.choice(list(world.LIGHTS))
+                empty = world.render(world.SceneSpec(background, light, rng.uniform(0.9, 1.05), (),
+                                                     rng.randrange(2**31)), config.resolution)
+                prompt = f"a {cls} {world.BACKGROUNDS[background]}, {light} light"
+                painted, _ = region_pass(models, config, empty, m, Subject("region", "", cls, "", "region"),
+                                         rng.randrange(2**31), config.inpaint_strength, prompt)
+                ok = class_present(scorer, own_crop(painted, m, "region"), cls, list(world.CLASSES))
+                hits[f"width {width}"][0] += ok
+                hits[f"width {width}"][1] += 1
+    out = {k: Accuracy(*v) for k, v in hits.items()}
+    out["all"] = Accuracy(sum(v[0] for v in hits.values()), sum(v[1] for v in hits.values()))
+    return out
+
+
 @torch.no_grad()
 def vae_psnr(models: ModelBundle, n: int = 64, first_seed: int = HELD_OUT_SEED) -> float:
     images = [world.render_scene(s).image for s in range(first_seed, first_seed + n)]
