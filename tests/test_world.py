@@ -56,9 +56,21 @@ def test_the_world_has_what_the_method_needs():
 
 
 def test_the_personal_subjects_look_never_occurs_in_the_base_data():
+    assert {"cat", "mug", "cat2"} <= set(world.PERSONAL_SUBJECTS)
+    assert world.PERSONAL_SUBJECTS["cat2"].cls == "cat" and world.PERSONAL_SUBJECTS["cat2"].pattern not in world.PATTERNS
     for seed in range(3000):
         for obj in world.sample_spec(random.Random(seed)).objects:
             assert (obj.cls, obj.color, obj.pattern) not in world.EXCLUDED_LOOKS and obj.mark is None
+            assert obj.pattern in world.PATTERNS  # the second cat's checks never occur in base data
+
+
+def test_the_two_cats_preset_names_both_cats_in_every_scene():
+    from helpers.config import PRESETS
+    from helpers.prompts import scene_prompt_problem
+
+    config = make_config("world", **PRESETS["two-cats"])
+    assert [s.class_name for s in config.subjects] == ["cat", "cat"] and scene_prompt_problem(config) is None
+    assert all((PROJECT_ROOT / s.data_dir).is_dir() for s in config.subjects)
 
 
 def test_the_shipped_subject_photos_are_the_renderers():
