@@ -4,7 +4,9 @@
 * generator: for prompts "a {colour} {class} {on background}", the scorer's zero-shot class and colour of the picture
   (two-object prompts are reported too: does the scorer prefer the prompt over the same prompt with the two objects'
   colours swapped?);
-* VAE: reconstruction PSNR on held-out renders.
+* VAE: reconstruction PSNR on held-out renders;
+* inpainting: what the method asks of the base model, "a {class} {setting}" inpainted into an empty region through
+  the method's own pass, recognised as that class on the region's own pixels (5 classes x 3 region sizes).
 
 The quality gates in ``tests/test_world.py`` call these functions with fixed seeds.
 """
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objects", type=int, default=200)
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--inpaint-seeds", type=int, default=8, help="seeds of the inpainting measure (0: skip it)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
     config = make_config("world", output_dir="output/world-eval")
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"scorer": scorer_accuracy(scorer, args.objects),
                "generator": generator_accuracy(models, config, scorer, args.prompts),
                "two_objects_colour_binding": two_object_binding(models, config, scorer), "vae_psnr_db": vae_psnr(models)}
+    if args.inpaint_seeds:
+        results["inpaint_base_model"] = inpaint_accuracy(models, config, scorer, args.inpaint_seeds)
     print(f"{'measure':<40} value")
     for group, value in results.items():
         if isinstance(value, dict):
