@@ -14,7 +14,7 @@ for name in "$@"; do
     inpaint-gate)
       python3 -c "
 from helpers.notebook import make_config; from helpers.models import load_models; from helpers.scoring import ClipScorer
-from helpers import world_eval as we
+from helpers.world import evaluate as we
 config = make_config('world', output_dir='/tmp/ev/gate')
 models = load_models(config, device='cuda'); scorer = ClipScorer.for_config(config, device='cuda')
 for k, v in we.inpaint_accuracy(models, config, scorer, seeds=8).items(): print('inpaint gate', k, v)

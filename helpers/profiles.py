@@ -3,7 +3,7 @@
 * ``tiny``: SDXL's classes at toy size with seeded random weights, built offline in seconds, saved once with
   ``save_pretrained`` and always loaded back with ``from_pretrained`` (the real loading path).
 * ``sdxl``: the Hub weights with the fp16-fixed VAE; checks the cache / the Hub first and fails fast with one line.
-* ``world``: SDXL's classes at small size, trained on the procedurally rendered world (``helpers.world_train``) and
+* ``world``: SDXL's classes at small size, trained on the procedurally rendered world (``helpers.world.train``) and
   shipped in ``models/world``; loaded with ``from_pretrained`` exactly like a local ``sdxl``.
 * ``sdxl-random``: the full-size SDXL architecture with random weights, for speed and memory benchmarks only.
 """
@@ -24,7 +24,7 @@ from .io import set_aside
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
 TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny architecture changes, so stale caches are rebuilt
-WORLD_DIR = Path(__file__).resolve().parent.parent / "models" / "world"  # trained by helpers.world_train
+WORLD_DIR = Path(__file__).resolve().parent.parent / "models" / "world"  # trained by helpers.world.train
 WORLD_VERSION = "world-v1"  # bump when the shipped world weights change, so LoRAs trained on the old ones retrain
 WORLD_SCORER_NAME = "world-clip"
 TINY_SEED = 1234
@@ -265,7 +265,7 @@ def world_pipeline_folder() -> Path:
     folder = WORLD_DIR / "pipeline"
     if not (folder / "model_index.json").exists():
         raise ModelUnavailableError(f"the world models are missing from {WORLD_DIR}; restore them from git "
-                                    f"(git checkout -- models/world) or retrain with `python -m helpers.world_train "
+                                    f"(git checkout -- models/world) or retrain with `python -m helpers.world.train "
                                     f"--out models/world` on a GPU")
     return folder
 

@@ -16,28 +16,43 @@ def documented_order() -> list[str]:
     return [name.strip() for name in match.group(1).replace("\n", " ").split("->")]
 
 
+def stage_of(parts: list[str]) -> str:
+    """The stage a module path inside ``helpers`` belongs to: the world's renderer (``world``, ``world.scenes``) is
+    ``world``; its trainer and evaluator are ``world.train`` and ``world.evaluate``."""
+    if parts[:1] == ["world"]:
+        return "world." + parts[1] if len(parts) > 1 and parts[1] in ("train", "evaluate") else "world"
+    return parts[0]
+
+
+def module_parts(path: Path) -> list[str]:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts
+
+
 def helpers_imports(path: Path) -> set[str]:
-    """Every helpers module that ``path`` imports, at module level or inside a function."""
+    """Every helpers stage that ``path`` imports, at module level or inside a function (relative imports resolved
+    from where the file lies, so a subpackage's ``from .. import world`` counts too)."""
+    here = list(path.relative_to(PACKAGE).parent.parts) if path.is_relative_to(PACKAGE) else []
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
+                targets = [base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names]
+                found.update(stage_of(t) for t in targets if t)
             elif node.module and node.module.startswith("helpers."):
-                found.add(node.module.split(".")[1])
+                found.add(stage_of(node.module.split(".")[1:]))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("helpers."))
+            found.update(stage_of(a.name.split(".")[1:]) for a in node.names if a.name.startswith("helpers."))
     return found
 
 
 def test_every_module_is_placed_and_imports_only_earlier_stages():
     order = documented_order()
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert set(modules) == set(order) | set(OUTSIDE_THE_ORDER), "a module is missing from the documented order"
-    for module in modules:
-        imported = helpers_imports(PACKAGE / f"{module}.py") - {module}
+    files = {path: stage_of(module_parts(path)) for path in PACKAGE.rglob("*.py")}
+    assert set(files.values()) == set(order) | set(OUTSIDE_THE_ORDER), "a module is missing from the documented order"
+    for path, module in files.items():
+        imported = helpers_imports(path) - {module}
         if module in OUTSIDE_THE_ORDER:
             assert imported <= OUTSIDE_THE_ORDER[module], (module, imported)
             continue
@@ -62,7 +77,7 @@ def test_the_import_checker_catches_a_backward_import(tmp_path):
 
 def test_one_text_to_image_call_and_one_inpaint_call():
     calls = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         for pipe in ("txt2img", "inpaint"):
             calls.setdefault(pipe, []).extend([path.stem] * len(re.findall(rf"models\.{pipe}\(", text)))

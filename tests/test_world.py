@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from helpers import world
-from helpers import world_eval as we
+from helpers.world import evaluate as we
 from helpers.adapters import generate, load_subject_loras
 from helpers.config import PROJECT_ROOT
 from helpers.models import load_models
@@ -141,7 +141,7 @@ def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_ship
     """The trainer at toy size on the CPU: every stage, then the results load the way the world profile loads."""
     import open_clip
 
-    from helpers import world_train
+    from helpers.world import train as world_train
     from helpers.profiles import load_pipeline_folder
 
     out = tmp_path / "trained"

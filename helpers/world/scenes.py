@@ -1,4 +1,4 @@
-"""A small procedurally rendered world: the data the ``world`` profile's models are trained on.
+"""The world's renderer: the data the ``world`` profile's models are trained on (``helpers.world`` re-exports it).
 
 128x128 RGB scenes, deterministic from a seed: one of four backgrounds, a global light (warm / cool / neutral tint and
 a brightness, applied to the whole picture, objects included), and 1-3 objects of five classes with distinct
@@ -316,7 +316,7 @@ def subject_photo_specs(subject: PersonalSubject, n: int = PHOTOS_PER_SUBJECT, s
 
 def write_subject_photos(data_dir: Path, overwrite: bool = False) -> list[Path]:
     """``data/world/<subject>/<subject>_<i>.png`` for both personal subjects (only missing files unless told)."""
-    from .io import save_image_atomic
+    from ..io import save_image_atomic
 
     written = []
     for subject in PERSONAL_SUBJECTS.values():

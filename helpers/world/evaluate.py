@@ -1,4 +1,4 @@
-"""How good the ``world`` models are, measured on freshly rendered held-out scenes: ``python -m helpers.world_eval``.
+"""How good the ``world`` models are, measured on freshly rendered held-out scenes: ``python -m helpers.world.evaluate``.
 
 * scorer: zero-shot class and colour accuracy on single-object crops (cropped as the QA loop crops a region);
 * generator: for prompts "a {colour} {class} {on background}", the scorer's zero-shot class and colour of the picture
@@ -8,7 +8,7 @@
 * inpainting: what the method asks of the base model, "a {class} {setting}" inpainted into an empty region through
   the method's own pass, recognised as that class on the region's own pixels (5 classes x 3 region sizes).
 
-The quality gates in ``tests/test_world.py`` call these functions with fixed seeds.
+The quality gates in ``tests/test_world.py`` (the world's gates) call these functions with fixed seeds.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import world
-from .adapters import generate
-from .config import ProjectConfig
-from .measures import locate_object, object_crop, zero_shot
-from .models import ModelBundle
+from .. import world
+from ..adapters import generate
+from ..config import ProjectConfig
+from ..measures import locate_object, object_crop, zero_shot
+from ..models import ModelBundle
 
 HELD_OUT_SEED = 10_000_000  # the trainer renders seeds from 0 up; evaluation scenes start far above
 
@@ -115,10 +115,10 @@ def inpaint_accuracy(models: ModelBundle, config: ProjectConfig, scorer, seeds: 
     """What the method asks of the base model, measured: "a {class} {setting}" inpainted into an empty region of a
     rendered scene (no object anywhere), at the pass's strength, recognised as that class on the region's own
     pixels; per region size and in all. Needs a bundle without subject LoRAs (the base model paints)."""
-    from .config import Subject
-    from .layout import Layout, Region, masks
-    from .measures import class_present, own_crop
-    from .pipeline import region_pass
+    from ..config import Subject
+    from ..layout import Layout, Region, masks
+    from ..measures import class_present, own_crop
+    from ..pipeline import region_pass
 
     hits: dict[str, list[int]] = {f"width {w}": [0, 0] for w in INPAINT_REGION_WIDTHS}
     for s in range(seeds):
@@ -155,11 +155,11 @@ def vae_psnr(models: ModelBundle, n: int = 64, first_seed: int = HELD_OUT_SEED) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models import load_models
-    from .notebook import make_config
-    from .scoring import ClipScorer
+    from ..models import load_models
+    from ..notebook import make_config
+    from ..scoring import ClipScorer
 
-    parser = argparse.ArgumentParser(prog="python -m helpers.world_eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m helpers.world.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objects", type=int, default=200)
     parser.add_argument("--prompts", type=int, default=32)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         plain = {g: ({k: a.rate for k, a in v.items()} if isinstance(v, dict) else
                      (v.rate if isinstance(v, Accuracy) else v)) for g, v in results.items()}
-        from .io import write_json_atomic
+        from ..io import write_json_atomic
 
         write_json_atomic(args.json, plain)
     return 0

@@ -1,4 +1,4 @@
-"""Trains the ``world`` profile's models on rendered scenes: ``python -m helpers.world_train --out <folder>``.
+"""Trains the ``world`` profile's models on rendered scenes: ``python -m helpers.world.train --out <folder>``.
 
 One reproducible command (fixed seeds), meant for one GPU (about 15 minutes on an H100), in four stages that can also
 run one at a time (``--stages``) and resume from what an earlier stage wrote into ``--out``:
@@ -14,7 +14,7 @@ run one at a time (``--stages``) and resume from what an earlier stage wrote int
    (object crop, "a red striped cat") pairs, saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
 
 The result: ``<out>/pipeline`` (``save_pretrained``, fp16 safetensors) and ``<out>/scorer`` (config + weights) plus
-``<out>/training_report.json``; ``helpers.world_eval`` measures their quality.
+``<out>/training_report.json``; ``helpers.world.evaluate`` measures their quality.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .io import write_json_atomic
-from .profiles import EOS_TOKEN, SCHEDULER_CONFIG, clip_tokenizer
+from .. import world
+from ..io import write_json_atomic
+from ..profiles import EOS_TOKEN, SCHEDULER_CONFIG, clip_tokenizer
 
 RESOLUTION = world.SIZE
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -349,7 +349,7 @@ def register_scorer_config() -> None:
 # the command
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.world_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m helpers.world.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", default="data,vae,unet,scorer")
