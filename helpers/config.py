@@ -161,7 +161,8 @@ class ProjectConfig:
     # evaluation seeds start here: far from every seed used while developing and testing (those stay below 100,000),
     # so the report measures pictures nobody tuned anything on
     eval_seed_start: int = setting(3_000_000, "evaluation", low=0)
-    # more scenes for the evaluation, after scene_prompt (indoor, outdoor, night); "{subjects}" becomes "a cat and a mug"
+    # more scenes for the evaluation, after scene_prompt (indoor, outdoor, night);
+    # "{subjects}" becomes "a cat and a mug"
     extra_scene_prompts: list[str] = list_setting(
         ["{subjects} in a sunny garden", "{subjects} on a balcony at night, city lights"], "evaluation",
         world=["a cat left of a mug on grass, cool light", "a cat left of a mug under a night sky, neutral light"])

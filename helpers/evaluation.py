@@ -173,8 +173,9 @@ def rerolls(models: ModelBundle, config: ProjectConfig, result: GenerationResult
         subject = config.subject(region.subject)
         start = image
         for attempt in range(1, passes.get(subject.name, 0) + 1):
-            image, _ = region_pass(models, config, start, result.masks, subject, subject_seed(result.seed, index, attempt),
-                                   config.inpaint_strength, prompts.passes[subject.name])
+            seed = subject_seed(result.seed, index, attempt)
+            image, _ = region_pass(models, config, start, result.masks, subject, seed, config.inpaint_strength,
+                                   prompts.passes[subject.name])
     return image
 
 
@@ -454,6 +455,6 @@ def run_masks(config: ProjectConfig, layout: Layout) -> MaskSet:
 
 
 __all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "cosine_matrix",
-           "leakage_matrix", "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs", "Evaluation", "summarize",
-           "paired_differences", "summary_table", "paired_table", "metric_definitions", "write_csv",
-           "markdown_table", "per_image", "mean_interval", "run_masks"]
+           "leakage_matrix", "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs",
+           "Evaluation", "summarize", "paired_differences", "summary_table", "paired_table", "metric_definitions",
+           "write_csv", "markdown_table", "per_image", "mean_interval", "run_masks"]

@@ -178,7 +178,8 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
                 seed: int, strength: float, prompt: str | None = None,
                 emphasis_weight: float = 1.0) -> tuple[Image.Image, SubjectPass]:
     """Inpaint ``subject`` into its region of ``image`` with only its adapter active; returns the new full image.
-    ``prompt``: the subject's words in the scene's setting (default: its pass prompt from the config's scene). Stages carry ``record_function`` labels ("pass/...") so a profiler run can attribute the time."""
+    ``prompt``: the subject's words in the scene's setting (default: its pass prompt from the config's scene). Stages
+    carry ``record_function`` labels ("pass/...") so a profiler run can attribute the time."""
     from torch.profiler import record_function
 
     start = time.perf_counter()
