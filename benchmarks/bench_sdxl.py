@@ -140,6 +140,37 @@ def bench_generation(models, config, rows: dict, info: dict) -> None:
                                                              two.refine_strength,
                                                              emphasis_weight=two.prompt_boost), 2)[::2]
     info["profile_of_one_pass"] = profile_pass(lambda: one_pass(two), plain_inpaint(pass_side))
+    bench_ghosts_and_qa(models, two, layout, rows, info)
+
+
+def bench_ghosts_and_qa(models, two, layout, rows: dict, info: dict) -> None:
+    """The issue-19 paths at full size: Phase 0's ghost cleanup (a scripted finder names one ghost, so exactly one
+    full-size cleanup inpaint runs) and the QA loop with its class rule (open_clip ViT-H-14, random weights: every
+    rule is evaluated on 1024² own-pixel crops; what it decides means nothing)."""
+    from helpers import qa as hq
+    from helpers.scoring import ClipScorer
+
+    def one_ghost():
+        calls = []
+
+        def finder(image, masks_):
+            calls.append(1)
+            return [(400, 60, 620, 300)] if len(calls) == 1 else []
+        return finder
+
+    cleaned = hp.coarse_to_fine(models, two, layout, find_ghosts=one_ghost())
+    info["ghost_cleanup"] = {"boxes_removed": cleaned.ghosts_removed, "scene_size": list(cleaned.scene.size)}
+    rows["coarse-to-fine, 2 subjects, one ghost painted over"] = timed(
+        lambda: hp.coarse_to_fine(models, two, layout, find_ghosts=one_ghost()), 2)[::2]
+    scorer = ClipScorer.for_config(two, device=models.device)
+    result = hp.coarse_to_fine(models, two, layout)
+    thresholds = hq.subject_thresholds(scorer, two)
+    outcome = hq.qa_loop(models, result, two, scorer, thresholds)  # warm-up; also what the loop decided
+    info["qa_rules_fired"] = [e["rule"] for e in outcome.log]
+    info["qa_loop_invariants"] = hq.loop_invariants(outcome, two)
+    rows["QA loop, 2 subjects (class, identity, leak rules; refinements as decided)"] = timed(
+        lambda: hq.qa_loop(models, result, two, scorer, thresholds), 2)[::2]
+    info["qa_refinements_per_loop"] = sum(s["refinements"] for s in outcome.summary.values())
 
 
 def profile_pass(run_pass, run_plain) -> dict:
@@ -237,7 +268,8 @@ def main() -> int:
 
     subjects = [Subject(n, t, c, f"data/{n}", f"loras/{n}") for n, t, c in
                 (("cat", "sks", "cat"), ("mug", "zwx", "mug"), ("toy", "qwe", "toy"), ("dog", "vbn", "dog"))]
-    defaults = {**PROFILE_DEFAULTS["sdxl-random"], "subjects": subjects, "learning_rate": 1e-5}
+    defaults = {**PROFILE_DEFAULTS["sdxl-random"], "subjects": subjects, "learning_rate": 1e-5,
+                "scene_prompt": "{subjects} on a wooden table, soft window light"}  # names every subject
     config = ProjectConfig(profile="sdxl-random", **defaults)
     assert (config.resolution, config.steps, config.train_resolution, config.lora_rank, config.train_batch_size) == \
         (1024, 30, 1024, 16, 1), "the bench measures SDXL's own settings"
