@@ -22,11 +22,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .adapters import LORA_WEIGHTS_FILE
 from .config import ProjectConfig
 from .io import save_image_atomic, write_json_atomic, write_text_atomic
 from .layout import Layout, MaskSet, masks
-from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, split_world,
-                       split_world_distance)
+from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, split_world_distance,
+                       split_world_of)
 from .models import ModelBundle
 from .pipeline import GenerationResult, coarse_to_fine, one_pass_baseline, region_pass, subject_seed
 from .profiles import light_judge
@@ -54,7 +55,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "scene_prompt_score": ("↑", "CLIP-T of the whole picture vs the scene prompt (Phase 0's prompt)."),
     "seconds": ("↓", "wall-clock seconds to make the picture (ours+QA: ours plus the loop)."),
 }
-WORLD_ONLY = ("light_error",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def judge_picture(judges: Judges, image: Image.Image, masks_: MaskSet, config: P
     pixels = np.asarray(image.convert("RGB"))
     rows = []
     for subject in config.subjects:
+        split_distance = split_world_distance(image, masks_, subject.name)
         row_scores = scorer.leakage_row(crops[subject.name], subject.name)
         identity = row_scores[subject.name]
         rivals = {n: v for n, v in row_scores.items() if n != subject.name}
@@ -104,8 +105,7 @@ def judge_picture(judges: Judges, image: Image.Image, masks_: MaskSet, config: P
                "class_presence": float(class_present(scorer, crops[subject.name], subject.class_name,
                                                      judges.classes)),
                "ghost": float(bool(ghosts)), "ghost_count": len(ghosts),
-               "split_world": split_world(image, masks_, subject.name),
-               "split_distance": split_world_distance(image, masks_, subject.name),
+               "split_world": split_world_of(split_distance), "split_distance": split_distance,
                "light_error": (judges.light.light_error(pixels[own_pixels(masks_, subject.name)], subject.name,
                                                         scene_prompt) if judges.light else float("nan")),
                "faded": float(identity < judges.thresholds[subject.name]),
@@ -123,17 +123,12 @@ def outside_mask_max_diff(image: Image.Image, coarse: Image.Image, masks_: MaskS
     return int(np.abs(a - b)[outside].max()) if outside.any() else 0
 
 
-def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return a @ b.T
-
-
 def leakage_matrix(scorer: ClipScorer, image: Image.Image, masks_: MaskSet, names: list[str]) -> np.ndarray:
     """Rows: each subject's own pixels; columns: similarity to subject j's photos. A healthy picture has the
     largest value of every row on the diagonal."""
     crops = own_crops(image, masks_, names)
-    return np.array([[scorer.leakage_row(crops[r], r)[c] for c in names] for r in names])
+    rows = {r: scorer.leakage_row(crops[r], r) for r in names}  # one embedding per region
+    return np.array([[rows[r][c] for c in names] for r in names])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,9 +172,6 @@ def rerolls(models: ModelBundle, config: ProjectConfig, result: GenerationResult
             image, _ = region_pass(models, config, start, result.masks, subject, seed, config.inpaint_strength,
                                    prompts.passes[subject.name])
     return image
-
-
-IMAGES_OF_A_RUN = ("baseline", "coarse", "ours", "ours+qa", "ours+reroll")
 
 
 def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, scene_index: int,
@@ -229,7 +221,7 @@ def evaluation_fingerprint(config: ProjectConfig, layout: Layout) -> str:
                 if k not in ("output_dir", "cache_dir", "eval_seeds", "eval_prompts", "extra_scene_prompts")}
     digest = hashlib.sha256(json.dumps([settings, layout.to_dict()], sort_keys=True, default=str).encode())
     for subject in config.subjects:
-        lora = config.lora_path(subject) / "pytorch_lora_weights.safetensors"
+        lora = config.lora_path(subject) / LORA_WEIGHTS_FILE
         digest.update(lora.read_bytes() if lora.exists() else b"no lora")
     return digest.hexdigest()[:16]
 
@@ -454,7 +446,7 @@ def run_masks(config: ProjectConfig, layout: Layout) -> MaskSet:
     return masks(layout, config.resolution, config.resolution, config.effective_feather_px)
 
 
-__all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "cosine_matrix",
-           "leakage_matrix", "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs",
+__all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "leakage_matrix",
+           "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs",
            "Evaluation", "summarize", "paired_differences", "summary_table", "paired_table", "metric_definitions",
            "write_csv", "markdown_table", "per_image", "mean_interval", "run_masks"]

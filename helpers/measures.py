@@ -117,12 +117,8 @@ def object_crop(image: Image.Image, box: tuple[int, int, int, int], margin: floa
 
 
 def zero_shot(scorer, image: Image.Image, texts: list[str]) -> int:
-    """Index of the text the scorer finds closest to the image (text embeddings cached on the scorer)."""
-    cache = scorer.__dict__.setdefault("_zero_shot_texts", {})
-    key = tuple(texts)
-    if key not in cache:
-        cache[key] = scorer.embed_texts(list(texts))
-    return int((scorer.embed_images([image]) @ cache[key].T).argmax())
+    """Index of the text the scorer finds closest to the image (the scorer caches the text embeddings)."""
+    return int((scorer.embed_images([image]) @ scorer.text_embeddings(texts).T).argmax())
 
 
 def name_object(scorer, image: Image.Image, classes: list[str]) -> str | None:
@@ -207,10 +203,14 @@ def split_world_distance(image: Image.Image, masks_: MaskSet, subject: str) -> f
 def split_world(image: Image.Image, masks_: MaskSet, subject: str) -> float:
     """1.0 when the region's own background is not the scene's (``split_world_distance`` above the limit), 0.0
     when it is, nan when the region leaves no band to compare."""
-    distance = split_world_distance(image, masks_, subject)
+    return split_world_of(split_world_distance(image, masks_, subject))
+
+
+def split_world_of(distance: float) -> float:
+    """The split-world verdict of a ``split_world_distance``: 1.0 above the limit, 0.0 under it, nan for nan."""
     return float(distance > SPLIT_WORLD_DISTANCE) if np.isfinite(distance) else float("nan")
 
 
 __all__ = ["own_pixels", "own_crop", "own_crops", "background_color", "locate_objects", "locate_object",
            "object_crop", "zero_shot", "name_object", "class_present", "Ghost", "find_ghosts",
-           "split_world_distance", "split_world"]
+           "split_world_distance", "split_world", "split_world_of"]

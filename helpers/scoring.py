@@ -99,9 +99,14 @@ class ClipScorer:
         return float((self.embed_images([image]) @ self.reference_embeddings(subject).T).mean())
 
     def prompt_score(self, image: Image.Image, text: str) -> float:
-        if text not in self._text_embeddings:
-            self._text_embeddings[text] = self.embed_texts([text])
-        return float((self.embed_images([image]) @ self._text_embeddings[text].T).item())
+        return float((self.embed_images([image]) @ self.text_embeddings([text]).T).item())
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """The texts' embeddings, each computed once (the QA loop and zero-shot naming ask for the same texts)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_embeddings]
+        if missing:
+            self._text_embeddings.update(zip(missing, self.embed_texts(missing)[:, None]))
+        return torch.cat([self._text_embeddings[t] for t in texts])
 
     def name_class(self, image: Image.Image, classes: list[str]) -> str | None:
         """The class (among ``classes``) of the largest object located in ``image``; None when nothing stands out."""
