@@ -182,6 +182,44 @@ def _diffusers_fused(models: ModelBundle, name: str) -> Iterator[None]:
                 layer.weight.copy_(weight)
 
 
+BASE_MODEL = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@contextmanager
+def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterator[None]:
+    """Sample ``i`` of every UNet call in the block sees only adapter ``names[i]`` (None: the base model): peft's
+    mixed-batch LoRA forward (``adapter_names``), fed to every LoRA layer by a forward pre-hook, as peft's own
+    ``PeftModel`` does it. Each layer computes each adapter's low-rank delta on that adapter's samples only, so a
+    batch of subject passes costs one UNet call per step. A batch that is a multiple of ``names`` (classifier-free
+    guidance stacks [negative..., positive...]) repeats the names in the same order."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loaded = adapter_names(models)
+    missing = sorted({n for n in names if n is not None and n not in loaded})
+    if missing:
+        raise MissingLoraError(f"adapter(s) {', '.join(missing)} not loaded (loaded: {loaded or 'none'}); call "
+                               f"load_subject_loras first")
+    routed = [BASE_MODEL if n is None else n for n in names]
+
+    def route(module, args, kwargs):
+        batch = args[0].shape[0] if args else kwargs["x"].shape[0]
+        kwargs["adapter_names"] = routed * (batch // len(routed))
+        return args, kwargs
+
+    layers = [m for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m._disable_adapters for m in layers]
+    hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in layers]
+    for m in layers:  # the routing decides; an adapter disabled for the base model would skip it
+        m._disable_adapters = False
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, disabled in zip(layers, saved):
+            m._disable_adapters = disabled
+
+
 def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int, adapter: str | None = None,
              size: int | None = None) -> Image.Image:
     """Text to image with exactly ``adapter`` active (None: the base model), decoded through the NaN guard.

@@ -125,6 +125,10 @@ class ProjectConfig:
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass
+    # subject passes as one batched call, each sample with only its own LoRA (pipeline.pass_batches): "disjoint"
+    # batches passes whose crops do not overlap (same pixels as sequential), "all" every pass of one strength (each
+    # sees its neighbours' regions as Phase 0 left them), "off" one pass after another
+    batch_subject_passes: str = setting("disjoint", "generation", choices=("off", "disjoint", "all"))
     # a subject pass runs at its crop's own size (UNet work grows with the pixels), never below this: SDXL draws
     # poorly under ~768 px. The small profiles keep their one native size.
     subject_pass_min_size: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=768, world=128)

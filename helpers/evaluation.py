@@ -29,7 +29,8 @@ from .layout import Layout, MaskSet, masks
 from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, split_world_distance,
                        split_world_of)
 from .models import ModelBundle
-from .pipeline import GenerationResult, coarse_to_fine, one_pass_baseline, region_pass, subject_seed
+from .pipeline import (GenerationResult, PassJob, coarse_to_fine, one_pass_baseline, pass_candidates, subject_seed,
+                       with_regions_from)
 from .profiles import light_judge
 from .prompts import config_scene_prompts, evaluation_scenes
 from .qa import qa_loop, subject_thresholds
@@ -161,17 +162,17 @@ class Run:
 def rerolls(models: ModelBundle, config: ProjectConfig, result: GenerationResult,
             passes: dict[str, int]) -> Image.Image:
     """The QA loop's passes spent without its judgement: for each subject as many new passes as the loop ran for it,
-    from the same picture, with the first pass's prompt and strength and the loop's seeds; the last one is kept."""
+    in the loop's rounds and with its seeds, but with the first pass's prompt and strength; the last one is kept."""
     prompts = config_scene_prompts(config, result.scene_prompt)
-    image = result.final
-    for index, region in enumerate(result.layout.regions):
-        subject = config.subject(region.subject)
-        start = image
-        for attempt in range(1, passes.get(subject.name, 0) + 1):
-            seed = subject_seed(result.seed, index, attempt)
-            image, _ = region_pass(models, config, start, result.masks, subject, seed, config.inpaint_strength,
-                                   prompts.passes[subject.name])
-    return image
+    subjects = [config.subject(region.subject) for region in result.layout.regions]
+    last: dict[str, Image.Image] = {}
+    for attempt in range(1, max(passes.values(), default=0) + 1):
+        jobs = [PassJob(s, subject_seed(result.seed, index, attempt), config.inpaint_strength, prompts.passes[s.name])
+                for index, s in enumerate(subjects) if passes.get(s.name, 0) >= attempt]
+        start = with_regions_from(result.final, last, result.masks, result.layout, config.region_margin)
+        for job, (picture, _) in zip(jobs, pass_candidates(models, config, start, result.masks, jobs)):
+            last[job.subject.name] = picture
+    return with_regions_from(result.final, last, result.masks, result.layout, config.region_margin)
 
 
 def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, scene_index: int,

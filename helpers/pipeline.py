@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapters import ALL_ADAPTERS, active_adapters, adapter_names, fused_adapter, generate, only_adapter
+from .adapters import (ALL_ADAPTERS, active_adapters, adapter_names, fused_adapter, generate, only_adapter,
+                       per_sample_adapters)
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
 from .layout import Layout, LayoutError, MaskSet, masks, validate_layout
@@ -165,13 +166,17 @@ def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int
     return int(min(config.resolution, max(side, config.subject_pass_min_size)))
 
 
-def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Image, mask: Image.Image,
-                    strength: float, seed: int, size: int, **text) -> torch.Tensor:
+def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image],
+                    mask: Image.Image | list[Image.Image], strength: float, seed: int | list[int], size: int,
+                    **text) -> torch.Tensor:
     """The project's one inpainting call: ``image`` repainted inside ``mask`` at ``size``, steps and guidance from the
-    config; ``text``: a prompt and negative prompt, or their embeddings. Latents out (decode with the NaN guard)."""
+    config; ``text``: a prompt and negative prompt, or their embeddings. Lists make a batch, one seed per sample
+    (sample ``i`` draws its noise from its own generator, exactly as a call with that sample alone). Latents out
+    (decode with the NaN guard)."""
+    generator = [models.generator(s) for s in seed] if isinstance(seed, list) else models.generator(seed)
     return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
                           num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                          generator=models.generator(seed), output_type="latent").images
+                          generator=generator, output_type="latent").images
 
 
 def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet, subject: Subject,
@@ -187,10 +192,7 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     box = masks_.crop_box(subject.name, config.region_margin)
     size = pass_size(models, config, box[2] - box[0])
     with record_function("pass/crop"):
-        crop = image.crop(box)
-        crop = crop if crop.size == (size, size) else crop.resize((size, size), Image.LANCZOS)
-        mask_crop = Image.fromarray(masks_.support[subject.name][box[1]:box[3], box[0]:box[2]].astype(np.uint8) * 255)
-        mask_crop = mask_crop if mask_crop.size == (size, size) else mask_crop.resize((size, size), Image.NEAREST)
+        crop, mask_crop = _pass_inputs(image, masks_, subject.name, box, size)
     if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
         switch = only_adapter(models, None)
     else:  # raises MissingLoraError when this subject's adapter is not loaded
@@ -210,13 +212,154 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     with record_function("pass/decode"):
         painted = models.decode(latents)[0]
     with record_function("pass/paste"):
-        width = box[2] - box[0]
-        painted = painted if painted.size == (width, width) else painted.resize((width, width), Image.LANCZOS)
-        pasted = image.copy()
-        pasted.paste(painted, box[:2])
-        result = blend_in_mask(image, pasted, masks_.soft[subject.name], box)  # the support lies inside the box
+        result = _paste_pass(image, painted, masks_, subject.name, box)
     info = SubjectPass(subject.name, seed, strength, box, adapters_during_pass, time.perf_counter() - start, prompt)
     return result, info
+
+
+def _pass_inputs(image: Image.Image, masks_: MaskSet, name: str, box: tuple[int, int, int, int],
+                 size: int) -> tuple[Image.Image, Image.Image]:
+    """A pass's crop of ``image`` and of the subject's support, at the pass size."""
+    crop = image.crop(box)
+    crop = crop if crop.size == (size, size) else crop.resize((size, size), Image.LANCZOS)
+    mask_crop = Image.fromarray(masks_.support[name][box[1]:box[3], box[0]:box[2]].astype(np.uint8) * 255)
+    mask_crop = mask_crop if mask_crop.size == (size, size) else mask_crop.resize((size, size), Image.NEAREST)
+    return crop, mask_crop
+
+
+def _paste_pass(image: Image.Image, painted: Image.Image, masks_: MaskSet, name: str,
+                box: tuple[int, int, int, int]) -> Image.Image:
+    """The painted crop back at its box's size, blended into ``image`` inside the subject's feathered mask only."""
+    width = box[2] - box[0]
+    painted = painted if painted.size == (width, width) else painted.resize((width, width), Image.LANCZOS)
+    pasted = image.copy()
+    pasted.paste(painted, box[:2])
+    return blend_in_mask(image, pasted, masks_.soft[name], box)  # the support lies inside the box
+
+
+@dataclass(frozen=True)
+class PassJob:
+    """One subject pass to run: who, with which seed, strength and prompt (and emphasis, for QA refinements)."""
+
+    subject: Subject
+    seed: int
+    strength: float
+    prompt: str
+    emphasis_weight: float = 1.0
+
+
+def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def pass_batches(jobs: list[PassJob], masks_: MaskSet, config: ProjectConfig) -> list[list[PassJob]]:
+    """The jobs, in order, cut into batches that run as one call each: consecutive jobs of one strength. With
+    ``batch_subject_passes="disjoint"`` a job joins the batch only when its crop box overlaps no member's, so no
+    pass reads what another paints and the pixels equal sequential passes'; ``"all"`` batches overlapping crops too
+    (each pass then sees its neighbours as they were before the batch: Phase 0's objects, not the other subjects);
+    ``"off"``: one job per batch (sequential passes, layout order)."""
+    mode = config.batch_subject_passes
+    batches: list[list[PassJob]] = []
+    for job in jobs:
+        current = batches[-1] if batches else None
+        box = masks_.crop_box(job.subject.name, config.region_margin)
+        fits = (current is not None and mode != "off" and current[0].strength == job.strength
+                and job.subject.name not in {j.subject.name for j in current}
+                and (mode == "all" or not any(_boxes_overlap(box, masks_.crop_box(j.subject.name, config.region_margin))
+                                              for j in current)))
+        if fits:
+            current.append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+                 jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
+    """Several subject passes as one batched inpaint call at one pass size, sample ``i`` with only job ``i``'s LoRA
+    (``adapters.per_sample_adapters``: peft's mixed-batch LoRA, no adapter switch per sample). Each result is
+    ``image`` with only that job's region repainted."""
+    from torch.profiler import record_function
+
+    start = time.perf_counter()
+    boxes = [masks_.crop_box(j.subject.name, config.region_margin) for j in jobs]
+    size = max(pass_size(models, config, box[2] - box[0]) for box in boxes)
+    with record_function("pass/crop"):
+        inputs = [_pass_inputs(image, masks_, j.subject.name, box, size) for j, box in zip(jobs, boxes)]
+    names = [j.subject.name for j in jobs] if adapter_names(models) else [None] * len(jobs)
+    with per_sample_adapters(models, names), torch.no_grad():
+        with record_function("pass/prompt"):
+            if all(j.emphasis_weight == 1.0 for j in jobs):
+                text = dict(prompt=[j.prompt for j in jobs], negative_prompt=[config.negative_prompt] * len(jobs))
+            else:
+                parts = [weighted_prompt_embeds(models, j.prompt, config.negative_prompt,
+                                                [j.subject.token, j.subject.class_name], j.emphasis_weight)
+                         for j in jobs]
+                text = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        with record_function("pass/inpaint"):
+            latents = inpaint_latents(models, config, [c for c, _ in inputs], [m for _, m in inputs],
+                                      jobs[0].strength, [j.seed for j in jobs], size, **text)
+    with record_function("pass/decode"):
+        painted = models.decode(latents)
+    seconds = (time.perf_counter() - start) / len(jobs)
+    with record_function("pass/paste"):
+        return [(_paste_pass(image, p, masks_, j.subject.name, box),
+                 SubjectPass(j.subject.name, j.seed, j.strength, box, [n] if n else [], seconds, j.prompt))
+                for j, box, p, n in zip(jobs, boxes, painted, names)]
+
+
+def region_passes(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+                  jobs: list[PassJob]) -> tuple[list[Image.Image], list[SubjectPass]]:
+    """Every job's pass, in order, each batch (``pass_batches``) as one call; a later batch paints on the picture
+    the earlier ones left. Returns the picture after each job (its stage) and what each pass did."""
+    stages, infos = [], []
+    for batch in pass_batches(jobs, masks_, config):
+        if len(batch) == 1:
+            job = batch[0]
+            image, info = region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
+                                      job.emphasis_weight)
+            stages.append(image)
+            infos.append(info)
+            continue
+        for job, (painted, info) in zip(batch, batched_pass(models, config, image, masks_, batch)):
+            image = _copy_region(image, painted, masks_, job.subject.name, config.region_margin)
+            stages.append(image)
+            infos.append(info)
+    return stages, infos
+
+
+def pass_candidates(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+                    jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
+    """One candidate per job, each ``image`` with only its job's region repainted (the QA loop's refinements of a
+    round): batched where ``pass_batches`` allows, otherwise one pass after another, all from the same ``image``."""
+    out = []
+    for batch in pass_batches(jobs, masks_, config):
+        if len(batch) == 1:
+            job = batch[0]
+            out.append(region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
+                                   job.emphasis_weight))
+        else:
+            out += batched_pass(models, config, image, masks_, batch)
+    return out
+
+
+def _copy_region(image: Image.Image, picture: Image.Image, masks_: MaskSet, name: str, margin: float) -> Image.Image:
+    x0, y0, x1, y1 = masks_.crop_box(name, margin)
+    touched = masks_.soft[name][y0:y1, x0:x1] > 0
+    out = np.array(image)
+    out[y0:y1, x0:x1][touched] = np.asarray(picture)[y0:y1, x0:x1][touched]
+    return Image.fromarray(out)
+
+
+def with_regions_from(image: Image.Image, pictures: dict[str, Image.Image], masks_: MaskSet, layout: Layout,
+                      margin: float) -> Image.Image:
+    """``image`` with each named subject's region copied from its picture (every pixel its feathered mask touches:
+    a pass's result is already blended there), in layout order: how the passes of one batch, or the best attempt of
+    every subject, are put back together."""
+    for region in layout.regions:
+        if region.subject in pictures:
+            image = _copy_region(image, pictures[region.subject], masks_, region.subject, margin)
+    return image
 
 
 def remove_ghosts(models: ModelBundle, config: ProjectConfig, scene: Image.Image, masks_: MaskSet,
@@ -259,14 +402,11 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
     result = GenerationResult(scene_prompt, seed, layout, masks_, coarse,
                               seconds={"phase0": time.perf_counter() - start},
                               scene=scene if removed else None, ghosts_removed=removed)
-    image = coarse
-    for index, region in enumerate(layout.regions):
-        subject = config.subject(region.subject)
-        image, info = region_pass(models, config, image, masks_, subject, subject_seed(seed, index),
-                                  config.inpaint_strength, prompts.passes[subject.name])
-        result.passes.append(info)
-        result.stages.append(image)
-        result.seconds[f"phase1_{subject.name}"] = info.seconds
+    jobs = [PassJob(config.subject(region.subject), subject_seed(seed, index), config.inpaint_strength,
+                    prompts.passes[region.subject]) for index, region in enumerate(layout.regions)]
+    result.stages, result.passes = region_passes(models, config, coarse, masks_, jobs)
+    for info in result.passes:
+        result.seconds[f"phase1_{info.subject}"] = info.seconds
     result.seconds["total"] = time.perf_counter() - start
     return result
 

@@ -5,8 +5,8 @@ neighbours'): identity = against that subject's reference photos (CLIP-I), promp
 {class}" (CLIP-T), a leakage row = against every subject's references, and the class the scorer names the object
 located there. A subject fails by the first rule it breaks: its class is not what the region shows, its identity is
 below its threshold, or another subject's photos match it better (leak); the log names the rule. Refinement reuses
-``pipeline.region_pass`` with the subject's prompt in the scene's setting, its token and class word weighted up. No
-plots.
+the subject pass (``pipeline.pass_candidates``: every failing subject of a round in one batched call where crops allow)
+with the subject's prompt in the scene's setting, its token and class word weighted up. No plots.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
 from .measures import own_crop
 from .models import ModelBundle
-from .pipeline import GenerationResult, region_pass, subject_seed
+from .pipeline import GenerationResult, PassJob, pass_candidates, subject_seed, with_regions_from
 from .prompts import config_scene_prompts
 from .scoring import Scorer
 
@@ -139,46 +139,65 @@ class QAOutcome:
 def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig, scorer: Scorer,
             thresholds: dict[str, float] | None = None) -> QAOutcome:
     """Score each subject of ``result.final``; refine failing ones (only their own region, only their own LoRA,
-    emphasised prompt, a new seed per attempt), at most ``config.max_retries`` times; keep the best attempt."""
+    emphasised prompt, a new seed per attempt), at most ``config.max_retries`` times; keep the best attempt.
+
+    The loop goes in rounds: every subject still failing is refined once per round, all from the same picture, as
+    one batched call where ``pipeline.pass_batches`` allows; each subject's best attempt is then put back into the
+    picture inside its own mask, in layout order."""
     start = time.perf_counter()
     thresholds = thresholds or subject_thresholds(scorer, config)
     outcome = QAOutcome(result.final, thresholds=thresholds)
     image = result.final
     prompts = config_scene_prompts(config, result.scene_prompt)
     classes = config.presence_classes()
-    for index, region in enumerate(result.layout.regions):
-        subject = config.subject(region.subject)
+    subjects = [config.subject(region.subject) for region in result.layout.regions]
+    first, best, attempts = {}, {}, {s.name: 0 for s in subjects}
+    for subject in subjects:
         t0 = time.perf_counter()
         score = score_subject(scorer, image, result, subject, thresholds[subject.name], classes)
-        best_score, best_image, best_attempt = score, image, 0
+        first[subject.name] = best[subject.name] = (score, image, 0)
         outcome.log.append(_log_entry(subject, 0, None, score, "pass" if score.passed else "refine",
                                       time.perf_counter() - t0))
-        attempt = 0
-        while not best_score.passed and attempt < config.max_retries:
-            attempt += 1
-            t0 = time.perf_counter()
-            seed = subject_seed(result.seed, index, attempt)
-            # a region without its subject is painted anew at the first pass's strength; one that shows it is
-            # adjusted at the lower refine strength, which keeps what is there
-            strength = config.inpaint_strength if best_score.rule == "class" else config.refine_strength
-            candidate, _ = region_pass(models, config, image, result.masks, subject, seed, strength,
-                                       prompt=prompts.qa(subject.name), emphasis_weight=config.prompt_boost)
+    for attempt in range(1, config.max_retries + 1):
+        failing = [(index, s) for index, s in enumerate(subjects) if not best[s.name][0].passed]
+        if not failing:
+            break
+        t0 = time.perf_counter()
+        # a region without its subject is painted anew at the first pass's strength; one that shows it is adjusted
+        # at the lower refine strength, which keeps what is there
+        jobs = [PassJob(s, subject_seed(result.seed, index, attempt),
+                        config.inpaint_strength if best[s.name][0].rule == "class" else config.refine_strength,
+                        prompts.qa(s.name), config.prompt_boost) for index, s in failing]
+        candidates = pass_candidates(models, config, _with_best(result, config, best), result.masks, jobs)
+        seconds = (time.perf_counter() - t0) / len(jobs)
+        for job, (candidate, _) in zip(jobs, candidates):
+            t1 = time.perf_counter()
+            subject = job.subject
+            attempts[subject.name] = attempt
             cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name], classes)
-            better = cand_score.rank() > best_score.rank()
-            if better:
-                best_score, best_image, best_attempt = cand_score, candidate, attempt
+            if cand_score.rank() > best[subject.name][0].rank():
+                best[subject.name] = (cand_score, candidate, attempt)
             decision = ("pass" if cand_score.passed else "retry" if attempt < config.max_retries else "give up")
-            decision += f"; best so far: attempt {best_attempt}"
-            outcome.log.append(_log_entry(subject, attempt, seed, cand_score, decision, time.perf_counter() - t0))
-        image = best_image  # candidates differ from ``image`` only inside this subject's mask
-        outcome.summary[subject.name] = {"before": score.identity, "after": best_score.identity,
-                                         "class_before": score.class_present, "class_after": best_score.class_present,
-                                         "rule_before": score.rule, "refinements": attempt,
-                                         "kept_attempt": best_attempt, "passed": best_score.passed,
-                                         "reason": best_score.reason()}
-    outcome.final = image
+            decision += f"; best so far: attempt {best[subject.name][2]}"
+            outcome.log.append(_log_entry(subject, attempt, job.seed, cand_score, decision,
+                                          seconds + time.perf_counter() - t1))
+    for subject in subjects:
+        score, _, attempt = best[subject.name]
+        before = first[subject.name][0]
+        outcome.summary[subject.name] = {"before": before.identity, "after": score.identity,
+                                         "class_before": before.class_present, "class_after": score.class_present,
+                                         "rule_before": before.rule, "refinements": attempts[subject.name],
+                                         "kept_attempt": attempt, "passed": score.passed, "reason": score.reason()}
+    outcome.final = _with_best(result, config, best)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _with_best(result: GenerationResult, config: ProjectConfig, best: dict[str, tuple]) -> Image.Image:
+    """``result.final`` with each subject's best attempt so far put back (an attempt differs from the picture it was
+    painted on only inside its subject's mask)."""
+    kept = {name: picture for name, (_, picture, attempt) in best.items() if attempt}
+    return with_regions_from(result.final, kept, result.masks, result.layout, config.region_margin)
 
 
 def loop_invariants(outcome: QAOutcome, config: ProjectConfig) -> dict[str, bool]:

@@ -78,3 +78,12 @@ class UnetAdapterSpy:
 def unet_spy(tiny_models):
     with UnetAdapterSpy(tiny_models) as spy:
         yield spy
+
+
+@pytest.fixture(scope="session")
+def corner_layout(tiny_config):
+    """Two regions in opposite corners: their crop boxes do not overlap, so their passes can be batched exactly."""
+    from helpers.layout import Layout, Region
+
+    side = tiny_config.resolution
+    return Layout([Region("cat", 0.03, 0.03, 0.3, 0.36), Region("mug", 0.64, 0.58, 0.3, 0.36)], side, side)

@@ -59,11 +59,11 @@ def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
     refinements = []
     original = hp.region_pass
 
-    def spy(models, config, image, masks, subject, seed, strength, **kw):
-        refinements.append((subject.name, seed, strength, kw.get("emphasis_weight")))
-        return original(models, config, image, masks, subject, seed, strength, **kw)
+    def spy(models, config, image, masks, subject, seed, strength, prompt=None, emphasis_weight=1.0):
+        refinements.append((subject.name, seed, strength, emphasis_weight))
+        return original(models, config, image, masks, subject, seed, strength, prompt, emphasis_weight)
 
-    monkeypatch.setattr(qa, "region_pass", spy)
+    monkeypatch.setattr(hp, "region_pass", spy)
 
     def run(script, max_retries=2, named=None, **config_changes):
         scorer = ScriptedScorer(script, named=named)
@@ -92,7 +92,7 @@ def test_refinement_passes_run_with_only_the_refined_subjects_adapter(run_loop, 
 
 def test_never_more_than_max_retries(run_loop):
     outcome, refinements = run_loop({"cat": [0.1], "mug": [0.1]}, max_retries=3)
-    assert [r[0] for r in refinements] == ["cat"] * 3 + ["mug"] * 3
+    assert [r[0] for r in refinements] == ["cat", "mug"] * 3  # rounds: every failing subject once per round
     assert len({r[1] for r in refinements}) == 6  # a new seed for every attempt
     assert all(s["refinements"] == 3 and not s["passed"] for s in outcome.summary.values())
     assert [e["decision"].split(";")[0] for e in outcome.log if e["subject"] == "cat"] == \
@@ -104,9 +104,10 @@ def test_best_attempt_is_kept_even_when_a_later_one_is_worse(run_loop, base_resu
     assert outcome.summary["cat"] == {"before": 0.2, "after": 0.45, "refinements": 2, "kept_attempt": 1,
                                       "class_before": True, "class_after": True, "rule_before": "identity",
                                       "passed": False, "reason": "identity: 0.450 < threshold 0.500"}
-    assert outcome.log[1]["decision"].endswith("best so far: attempt 1")
-    assert outcome.log[2]["decision"].endswith("best so far: attempt 1")
-    seed1 = outcome.log[1]["seed"]  # the kept image is attempt 1's: rebuild it and compare
+    cat_log = [e for e in outcome.log if e["subject"] == "cat"]
+    assert cat_log[1]["decision"].endswith("best so far: attempt 1")
+    assert cat_log[2]["decision"].endswith("best so far: attempt 1")
+    seed1 = cat_log[1]["seed"]  # the kept image is attempt 1's: rebuild it and compare
     attempt1, _ = hp.region_pass(tiny_models, tiny_config, base_result.final, base_result.masks,
                                  tiny_config.subject("cat"), seed1, 0.65, emphasis_weight=1.3)
     cat = base_result.masks.support["cat"]
@@ -230,3 +231,17 @@ def test_a_candidate_that_shows_its_class_beats_a_higher_identity_without_it(run
     outcome, _ = run_loop({"cat": [0.1, 0.4, 0.3], "mug": [0.9]}, max_retries=2, named={"cat": ["cat", None, "cat"]})
     assert outcome.summary["cat"]["kept_attempt"] == 2  # attempt 1 had the higher identity but showed no cat
     assert all(qa.loop_invariants(outcome, tiny_config.replace(max_retries=2)).values())
+
+
+def test_a_round_refines_every_failing_subject_in_one_batched_call(tiny_models, tiny_config, trained, corner_layout,
+                                                                   monkeypatch):
+    result = hp.coarse_to_fine(tiny_models, tiny_config, corner_layout, seed=5)
+    calls, original = [], hp.batched_pass
+    monkeypatch.setattr(hp, "batched_pass", lambda *a: calls.append([j.subject.name for j in a[-1]]) or original(*a))
+    config = tiny_config.replace(max_retries=2, qa_threshold_mode="fixed", qa_pass_threshold=0.5)
+    outcome = qa.qa_loop(tiny_models, result, config, ScriptedScorer({"cat": [0.1, 0.2, 0.3], "mug": [0.1, 0.9]}))
+    assert calls == [["cat", "mug"]]  # round 2: the mug passed; the cat alone is a plain (fused) pass
+    assert [(e["subject"], e["attempt"]) for e in outcome.log] == [("cat", 0), ("mug", 0), ("cat", 1), ("mug", 1),
+                                                                   ("cat", 2)]
+    assert outcome.summary["mug"]["kept_attempt"] == 1 and outcome.summary["cat"]["kept_attempt"] == 2
+    assert all(qa.loop_invariants(outcome, config).values())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +287,30 @@ def render_scene(seed: int, n_objects: int | None = None, caption_drop: float = 
     spec = sample_spec(rng, n_objects)
     return Scene(render(spec), caption(spec, rng if caption_drop else None, caption_drop), spec,
                  [o.box() for o in spec.objects])
+
+
+CLOSEUP_FILL = (0.5, 0.85)  # a close-up's object side as a fraction of the picture's side
+
+
+def render_closeup(seed: int, caption_drop: float = 0.0) -> Scene:
+    """Close-up number ``seed``: a square crop around one object of a rendered scene, upscaled to the scene's size, as
+    the method's subject pass sees a region (the crop of a 128 px scene around a region, upscaled to the pass size).
+    The object fills ``CLOSEUP_FILL`` of the side; objects whose centre falls inside the crop are in its caption;
+    the rest of any neighbour is cut off at the edge. SDXL draws a subject at any scale; without close-ups the world
+    only ever saw objects at most 0.6 of the picture and paints a region poorly (``evaluate.inpaint_accuracy``)."""
+    rng = random.Random(f"closeup-{seed}")
+    spec = sample_spec(rng)
+    main = rng.choice(spec.objects)
+    side = min(1.0, main.size / rng.uniform(*CLOSEUP_FILL))
+    left = min(max(main.cx - side / 2 + rng.uniform(-0.1, 0.1) * side, 0.0), 1.0 - side)
+    top = min(max(main.cy - side / 2 + rng.uniform(-0.1, 0.1) * side, 0.0), 1.0 - side)
+    box = tuple(round(v * SIZE) for v in (left, top, left + side, top + side))
+    image = render(spec).crop(box).resize((SIZE, SIZE), Image.LANCZOS)
+    inside = tuple(replace(o, cx=(o.cx - left) / side, cy=(o.cy - top) / side, size=o.size / side)
+                   for o in spec.objects if left <= o.cx <= left + side and top <= o.cy <= top + side)
+    zoomed = replace(spec, objects=inside)
+    return Scene(image, caption(zoomed, rng if caption_drop else None, caption_drop), zoomed,
+                 [o.box() for o in inside])
 
 
 def render_object(obj: WorldObject, background: str, light: str = "neutral", brightness: float = 1.0,
