@@ -173,6 +173,21 @@ def bench_ghosts_and_qa(models, two, layout, rows: dict, info: dict) -> None:
     info["qa_refinements_per_loop"] = sum(s["refinements"] for s in outcome.summary.values())
 
 
+def bench_batched(models, config, rows: dict) -> None:
+    """Coarse-to-fine with every subject pass of one strength in one batched call (``batch_subject_passes="all"``:
+    the default layouts' crops overlap, so "disjoint" runs them one after another) against sequential passes."""
+    size = config.resolution
+    for n in (2, 4):
+        cfg = config.replace(subjects=config.subjects[:n])
+        layout = default_layout(cfg.subject_names, size, size)
+        for mode in ("off", "all"):
+            c = cfg.replace(batch_subject_passes=mode)
+            hp.coarse_to_fine(models, c, layout)  # warm-up of this batch shape
+            label = "batched passes" if mode == "all" else "sequential passes"
+            rows[f"coarse-to-fine, {n} subjects, {label}"] = timed(lambda: hp.coarse_to_fine(models, c, layout),
+                                                                   3)[::2]
+
+
 def profile_pass(run_pass, run_plain) -> dict:
     """torch.profiler over one fused subject pass and one plain inpaint of the same size: the pass's labelled stages
     (CPU and GPU milliseconds) and the ops with the most CPU time of their own."""
@@ -258,7 +273,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma separated")
-    parser.add_argument("--skip", default="", help="comma list of: generation,training,compile")
+    parser.add_argument("--skip", default="", help="comma list of: generation,batched,training,compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -298,6 +313,8 @@ def main() -> int:
     if "generation" not in skip:
         bench_generation(models, config, rows, info)
         assert seen_inputs == {("torch.float16", "torch.float16")}, f"UNet inputs seen: {seen_inputs}"
+    if "batched" not in skip:
+        bench_batched(models, config, rows)
     if "training" not in skip:
         info["checkpointing_auto_choice"] = bench_training(models, config, rows, args.train_steps)
     for mode in args.compile_modes.split(","):

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from PIL import Image
 
-from .config import ProjectConfig
+from .config import LORA_WEIGHTS_FILE, ProjectConfig  # noqa: F401 (LORA_WEIGHTS_FILE: named here for the callers)
 from .models import ModelBundle
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 ALL_ADAPTERS = "<all>"  # ``adapter=ALL_ADAPTERS``: every loaded subject LoRA at once (the naive baseline)
 
 
@@ -24,30 +24,68 @@ class MissingLoraError(FileNotFoundError):
 
 
 def load_subject_loras(models: ModelBundle, config: ProjectConfig) -> list[str]:
-    """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops)."""
-    from safetensors import SafetensorError
-
+    """Load every subject's LoRA as an adapter named after the subject (once; later calls are no-ops): the one
+    notebook 01 trained, or the subject's own ``lora_file``."""
     loaded = set(adapter_names(models))
     for subject in config.subjects:
         if subject.name in loaded:
             continue
-        folder = config.lora_path(subject)
-        if not (folder / LORA_WEIGHTS_FILE).exists():
-            raise MissingLoraError(f"subject {subject.name!r} has no trained LoRA at {folder / LORA_WEIGHTS_FILE}; "
-                                   f"run notebooks/01_train_subject_loras.ipynb first")
-        try:
-            with warnings.catch_warnings():  # one adapter per subject on one UNet is the design, not an accident
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                models.txt2img.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE, adapter_name=subject.name)
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # damaged, or trained on another base model
-            if subject.name in adapter_names(models):
-                models.txt2img.delete_adapters(subject.name)
-            why = ("its tensor shapes do not fit this model: it was made for another base model"
-                   if "size mismatch" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        path = config.lora_file_path(subject)
+        if not path.exists():
             raise MissingLoraError(
-                f"subject {subject.name!r}: {folder / LORA_WEIGHTS_FILE} cannot be loaded ({why}); rerun notebooks/01_train_subject_loras.ipynb, which retrains a "
-                f"damaged LoRA (force=True retrains it in any case)") from None
+                f"subject {subject.name!r}: its lora_file {path} does not exist; fix the path in notebook 01's "
+                f"subjects" if subject.lora_file else
+                f"subject {subject.name!r} has no trained LoRA at {path}; run notebooks/01_train_subject_loras.ipynb "
+                f"first")
+        try:
+            if note := load_lora_file(models, path, subject.name):
+                warnings.warn(f"subject {subject.name!r}: {note}", stacklevel=2)
+        except LoraFileError as e:
+            raise MissingLoraError(f"subject {subject.name!r}: {e}; " + (
+                "use a LoRA made for this base model" if subject.lora_file else
+                "rerun notebooks/01_train_subject_loras.ipynb, which retrains a damaged LoRA (force=True retrains it "
+                "in any case)")) from None
     return adapter_names(models)
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that does not load into this UNet (damaged, or made for another base model)."""
+
+
+def load_lora_file(models: ModelBundle, path: Path, adapter_name: str) -> str:
+    """``path`` (diffusers, kohya or A1111/ComfyUI layout: diffusers' own loader reads and converts them) as the UNet
+    adapter ``adapter_name``; returns a note ("" or what was left out). Only the UNet part is loaded: the subject
+    passes switch LoRAs on the UNet alone, so a text-encoder part would stay active for every subject. Raises
+    ``LoraFileError`` naming the file, with nothing of it left loaded, when it does not fit this UNet."""
+    from safetensors import SafetensorError
+
+    pipe = models.txt2img
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # one adapter per subject on one UNet is the design, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            state, alphas, metadata = pipe.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                           unet_config=pipe.unet.config, return_lora_metadata=True)
+            unet_state = {k: v for k, v in state.items() if k.startswith(f"{pipe.unet_name}.")}
+            if not unet_state or not all("lora" in k for k in unet_state):
+                raise LoraFileError(f"{path} holds no UNet LoRA weights")
+            pipe.load_lora_into_unet(unet_state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                                     metadata=metadata, _pipeline=pipe)
+        wanted = sum(1 for k in unet_state if any(m in k for m in (".lora_A.", ".lora.down.", ".lora_down.")))
+        fitted = sum(1 for m in _lora_layers(models) if adapter_name in m.lora_A)
+        if fitted < wanted:
+            raise LoraFileError(f"{path} cannot be loaded (only {fitted} of its {wanted} LoRA layers exist in this "
+                                f"UNet: it was made for another base model)")
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # damaged or another base model
+        if adapter_name in adapter_names(models):
+            pipe.delete_adapters(adapter_name)
+        if isinstance(e, LoraFileError):
+            raise
+        why = ("its tensor shapes do not fit this model: it was made for another base model"
+               if "size mismatch" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        raise LoraFileError(f"{path} cannot be loaded ({why})") from None
+    left_out = len(state) - len(unet_state)
+    return f"{path.name}: its text-encoder part ({left_out} tensors) is not used" if left_out else ""
 
 
 def adapter_names(models: ModelBundle) -> list[str]:
@@ -182,42 +220,69 @@ def _diffusers_fused(models: ModelBundle, name: str) -> Iterator[None]:
                 layer.weight.copy_(weight)
 
 
-BASE_MODEL = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
 @contextmanager
 def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterator[None]:
-    """Sample ``i`` of every UNet call in the block sees only adapter ``names[i]`` (None: the base model): peft's
-    mixed-batch LoRA forward (``adapter_names``), fed to every LoRA layer by a forward pre-hook, as peft's own
-    ``PeftModel`` does it. Each layer computes each adapter's low-rank delta on that adapter's samples only, so a
-    batch of subject passes costs one UNet call per step. A batch that is a multiple of ``names`` (classifier-free
-    guidance stacks [negative..., positive...]) repeats the names in the same order."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """Sample ``i`` of every UNet call in the block sees only adapter ``names[i]`` (None: the base model).
+
+    For the block every LoRA layer's forward is its base layer's output plus, per sample, that sample's own low-rank
+    delta: ``x @ A_i @ B_i * scaling`` as two batched matmuls over the samples, with the per-sample A and B
+    gathered once on entry (not per step). peft's own mixed-batch path (``adapter_names``) does the same with a
+    Python loop over adapters in each of SDXL's 560 layers, which made a batch of two passes slower than the two
+    passes one after the other on an H200 (``benchmarks/results``). A batch that is a multiple of ``names``
+    (classifier-free guidance stacks [negative..., positive...]) repeats the names in the same order."""
+    from peft.tuners.lora import LoraLayer
 
     loaded = adapter_names(models)
     missing = sorted({n for n in names if n is not None and n not in loaded})
     if missing:
         raise MissingLoraError(f"adapter(s) {', '.join(missing)} not loaded (loaded: {loaded or 'none'}); call "
                                f"load_subject_loras first")
-    routed = [BASE_MODEL if n is None else n for n in names]
-
-    def route(module, args, kwargs):
-        batch = args[0].shape[0] if args else kwargs["x"].shape[0]
-        kwargs["adapter_names"] = routed * (batch // len(routed))
-        return args, kwargs
-
-    layers = [m for m in models.unet.modules() if isinstance(m, BaseTunerLayer)]
-    saved = [m._disable_adapters for m in layers]
-    hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in layers]
-    for m in layers:  # the routing decides; an adapter disabled for the base model would skip it
-        m._disable_adapters = False
+    layers = [m for m in models.unet.modules() if isinstance(m, LoraLayer)]
+    if not all(_is_plain_lora(m, n) for m in layers for n in set(names) if n in m.lora_A):
+        raise ValueError("batched subject passes need plain linear LoRAs (no DoRA, no LoRA bias); set "
+                         "batch_subject_passes='off'")
+    with torch.no_grad():
+        for layer in layers:  # the layer's own forward, for the block: base output + each sample's delta
+            layer.forward = _per_sample_forward(layer.get_base_layer(), *_per_sample_weights(layer, names))
     try:
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
-        for m, disabled in zip(layers, saved):
-            m._disable_adapters = disabled
+        for layer in layers:
+            del layer.forward  # the class's (peft's) forward again
+
+
+def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(samples, in, rank) and (samples, rank, out) with sample i's A and B * scaling (zeros for the base model or
+    an adapter this layer lacks); None when no sample has a delta here."""
+    held = [n for n in names if n is not None and n in layer.lora_A]
+    if not held:
+        return None, None
+    rank = max(layer.lora_A[n].weight.shape[0] for n in held)
+    weight = layer.get_base_layer().weight
+    a_sel = torch.zeros(len(names), weight.shape[1], rank, dtype=weight.dtype, device=weight.device)
+    b_sel = torch.zeros(len(names), rank, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for i, n in enumerate(names):
+        if n in held:
+            a, b = layer.lora_A[n].weight, layer.lora_B[n].weight  # (rank, in), (out, rank)
+            a_sel[i, :, :a.shape[0]] = a.T.to(weight.dtype)
+            b_sel[i, :b.shape[1], :] = (b.T * layer.scaling[n]).to(weight.dtype)
+    return a_sel, b_sel
+
+
+def _per_sample_forward(base_layer: torch.nn.Module, a_sel: torch.Tensor | None, b_sel: torch.Tensor | None):
+    by_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the weights repeated for CFG, made once
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = base_layer(x, *args, **kwargs)
+        if a_sel is None:
+            return out
+        if x.shape[0] not in by_batch:
+            times = x.shape[0] // len(a_sel)
+            by_batch[x.shape[0]] = (a_sel.repeat(times, 1, 1), b_sel.repeat(times, 1, 1))
+        a, b = by_batch[x.shape[0]]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
+    return forward
 
 
 def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int, adapter: str | None = None,

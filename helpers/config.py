@@ -36,6 +36,9 @@ class Subject:
     class_name: str
     data_dir: str
     lora_dir: str
+    # an existing LoRA to use instead of training one (diffusers, kohya or A1111/ComfyUI .safetensors; relative to
+    # the project root or absolute); empty: notebook 01 trains it from the photos
+    lora_file: str = ""
 
     @property
     def instance_prompt(self) -> str:
@@ -53,13 +56,15 @@ def subject_from(value: Subject | dict) -> Subject:
         return value
     if not isinstance(value, dict) or not {"name", "token", "class_name"} <= set(value):
         raise ValueError(f"ProjectConfig.subjects: each subject needs name, token and class_name, got {value!r}")
-    unknown = set(value) - {"name", "token", "class_name", "data_dir", "lora_dir"}
+    unknown = set(value) - {"name", "token", "class_name", "data_dir", "lora_dir", "lora_file"}
     if unknown:
         raise ValueError(f"ProjectConfig.subjects: unknown key(s) {', '.join(sorted(unknown))} in {value!r}")
     name = str(value["name"])
     return Subject(name, str(value["token"]), str(value["class_name"]), str(value.get("data_dir", f"data/{name}")),
-                   str(value.get("lora_dir", f"loras/{name}")))
+                   str(value.get("lora_dir", f"loras/{name}")), str(value.get("lora_file") or ""))
 
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 
 SUBJECTS = [
     Subject("cat", "sks", "cat", "data/cat", "loras/cat"),
@@ -128,7 +133,7 @@ class ProjectConfig:
     # subject passes as one batched call, each sample with only its own LoRA (pipeline.pass_batches): "disjoint"
     # batches passes whose crops do not overlap (same pixels as sequential), "all" every pass of one strength (each
     # sees its neighbours' regions as Phase 0 left them), "off" one pass after another
-    batch_subject_passes: str = setting("disjoint", "generation", choices=("off", "disjoint", "all"))
+    batch_subject_passes: str = setting("all", "generation", choices=("off", "disjoint", "all"))
     # a subject pass runs at its crop's own size (UNet work grows with the pixels), never below this: SDXL draws
     # poorly under ~768 px. The small profiles keep their one native size.
     subject_pass_min_size: int = setting(64, "generation", low=8, multiple_of=8, tiny=64, sdxl=768, world=128)
@@ -234,6 +239,12 @@ class ProjectConfig:
 
     def data_path(self, subject: Subject) -> Path:
         return self.path(subject.data_dir)
+
+    def lora_file_path(self, subject: Subject) -> Path:
+        """The LoRA file notebook 03 loads for ``subject``: its own ``lora_file`` when given, else the trained one."""
+        if subject.lora_file:
+            return self.path(subject.lora_file)
+        return self.lora_path(subject) / LORA_WEIGHTS_FILE
 
     def subject(self, name: str) -> Subject:
         for s in self.subjects:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -60,13 +61,33 @@ def ignored_files_note(folder: Path, subject_name: str) -> str | None:
 MIN_PIXEL_STD = 4.0
 
 
+MAX_PHOTO_SIDE = 4096  # a photo between PIL's warning and error pixel limits is downscaled to this long side
+
+
 def load_photo(path: Path, min_size: int) -> Image.Image:
     """One photo as upright RGB; rejects unreadable files, photos smaller than ``min_size`` on their short side, and
     photos that are blank or too uniform to teach anything."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = ImageOps.exif_transpose(im)  # phones store portrait shots sideways plus an EXIF flag
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                original = im.size
+                very_large = any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+                if very_large:  # between PIL's warning and error limits: read at a sane size
+                    im.draft("RGB", (im.width // 4, im.height // 4))  # JPEG: decodes at a lower scale directly
+                    im.load()
+                    im.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE), Image.LANCZOS)
+                im.load()
+                image = ImageOps.exif_transpose(im)  # phones store portrait shots sideways plus an EXIF flag
+        if very_large:
+            warnings.warn(f"{path}: a very large photo ({original[0]}x{original[1]} px); downscaled to at most "
+                          f"{MAX_PHOTO_SIDE} px on its long side", stacklevel=2)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = found.group(1) if found else "too many"
+        raise SubjectDataError(f"{path}: the photo is too large to open safely ({pixels} pixels, over PIL's limit of "
+                               f"{2 * Image.MAX_IMAGE_PIXELS} that guards against decompression bombs). Downscale it "
+                               f"(a few thousand pixels on its long side is plenty) or remove it.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SubjectDataError(f"{path}: cannot read this image ({type(e).__name__}: {e}). Replace or remove it.") \
             from None

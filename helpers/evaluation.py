@@ -22,11 +22,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .adapters import LORA_WEIGHTS_FILE
 from .config import ProjectConfig
 from .io import save_image_atomic, write_json_atomic, write_text_atomic
 from .layout import Layout, MaskSet, masks
-from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, split_world_distance,
+from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, scene_background_share,
                        split_world_of)
 from .models import ModelBundle
 from .pipeline import (GenerationResult, PassJob, coarse_to_fine, one_pass_baseline, pass_candidates, subject_seed,
@@ -47,8 +46,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "class_presence": ("↑", "the object located in the subject's own pixels is named as the subject's class."),
     "leak": ("↓", "another subject's photos match the subject's own pixels better than its own photos do."),
     "ghost": ("↓", "an object of a subject's class appears outside every region (per image)."),
-    "split_world": ("↓", "the background along the inside of the region is not the scene's just outside it "
-                         "(median colours more than 30 RGB levels apart)."),
+    "split_world": ("↓", "under a quarter of the region's inner edge shows the scene's background (the colour just "
+                         "outside the region, within 30 RGB levels): another setting was painted in."),
     "light_error": ("↓", "the light the subject's known colour shows differs from the light the scene names "
                          "(world only: it knows its subjects' true colours)."),
     "faded": ("↓", "the subject's identity is below its QA threshold in the final picture."),
@@ -96,7 +95,7 @@ def judge_picture(judges: Judges, image: Image.Image, masks_: MaskSet, config: P
     pixels = np.asarray(image.convert("RGB"))
     rows = []
     for subject in config.subjects:
-        split_distance = split_world_distance(image, masks_, subject.name)
+        background_share = scene_background_share(image, masks_, subject.name)
         row_scores = scorer.leakage_row(crops[subject.name], subject.name)
         identity = row_scores[subject.name]
         rivals = {n: v for n, v in row_scores.items() if n != subject.name}
@@ -106,7 +105,7 @@ def judge_picture(judges: Judges, image: Image.Image, masks_: MaskSet, config: P
                "class_presence": float(class_present(scorer, crops[subject.name], subject.class_name,
                                                      judges.classes)),
                "ghost": float(bool(ghosts)), "ghost_count": len(ghosts),
-               "split_world": split_world_of(split_distance), "split_distance": split_distance,
+               "split_world": split_world_of(background_share), "background_share": background_share,
                "light_error": (judges.light.light_error(pixels[own_pixels(masks_, subject.name)], subject.name,
                                                         scene_prompt) if judges.light else float("nan")),
                "faded": float(identity < judges.thresholds[subject.name]),
@@ -215,14 +214,19 @@ def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, jud
     return run
 
 
+# bumped whenever a measure or the method's pictures change, so stored runs are remade rather than mixed in
+RESULTS_VERSION = 2  # 2: split-world by the share of the scene's background; the QA loop in rounds
+
+
 def evaluation_fingerprint(config: ProjectConfig, layout: Layout) -> str:
-    """What a stored run must have been made with to be reused: every setting but paths and evaluation counts, the
-    layout, and each subject's LoRA file."""
+    """What a stored run must have been made with to be reused: ``RESULTS_VERSION``, every setting but paths and
+    evaluation counts, the layout, and each subject's LoRA file."""
     settings = {k: v for k, v in config.to_dict().items()
                 if k not in ("output_dir", "cache_dir", "eval_seeds", "eval_prompts", "extra_scene_prompts")}
-    digest = hashlib.sha256(json.dumps([settings, layout.to_dict()], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps([RESULTS_VERSION, settings, layout.to_dict()], sort_keys=True,
+                                       default=str).encode())
     for subject in config.subjects:
-        lora = config.lora_path(subject) / LORA_WEIGHTS_FILE
+        lora = config.lora_file_path(subject)
         digest.update(lora.read_bytes() if lora.exists() else b"no lora")
     return digest.hexdigest()[:16]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,13 +46,28 @@ def set_aside(path: str | Path, why: str) -> Path:
     return target
 
 
+@contextmanager
+def temp_folder(target: str | Path) -> Iterator[Path]:
+    """An empty folder beside ``target``, named like the temp files (``.<name>.tmp<pid>``) so that one a killed
+    process leaves behind is swept at the next start like them; removed when the block ends."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def leftover_temp_files(folder: str | Path) -> list[Path]:
-    """Temp files that a killed process left behind under ``folder`` (``.<name>.tmp<pid><suffix>`` whose process is
-    gone; a live writer's temp file is left alone)."""
+    """Temp files and folders that a killed process left behind under ``folder`` (``.<name>.tmp<pid>[<suffix>]``
+    whose process is gone; a live writer's are left alone)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob(f".*{TEMP_MARK}*") if p.is_file() and not _pid_alive(p)]
+    found = [p for p in folder.rglob(f".*{TEMP_MARK}*") if not _pid_alive(p)]
+    return [p for p in found if not any(q in p.parents for q in found)]  # not what lies inside a found folder
 
 
 def _pid_alive(temp_file: Path) -> bool:
@@ -71,7 +87,10 @@ def remove_leftover_temp_files(folder: str | Path) -> int:
     """Remove what ``leftover_temp_files`` finds; returns how many."""
     found = leftover_temp_files(folder)
     for p in found:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return len(found)
 
 

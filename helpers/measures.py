@@ -24,7 +24,10 @@ DIFFERS = 40.0  # RGB distance from the background colour at which a pixel belon
 OBJECT_MIN_FRACTION = 30 / 128**2  # the smallest object worth naming, as a fraction of the picture
 GHOST_MIN_FRACTION = 60 / 128**2  # a ghost must be a visible object, not a leftover edge of one
 GHOST_DIFFERS = 20.0  # against each row's own background colour, which follows gradients
-SPLIT_WORLD_DISTANCE = 30.0  # RGB distance between a region's own background and the scene's around it
+SPLIT_WORLD_DISTANCE = 30.0  # RGB distance within which a pixel shows the scene's background colour
+# below this share of the scene's background along its inner edge a region is a split world: the midpoint of the gap
+# on rendered truth (a subject as large as its region leaves >= 0.30; another background inside it <= 0.19)
+SPLIT_WORLD_MIN_SHARE = 0.25
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,10 +187,13 @@ def find_ghosts(scorer, image: Image.Image, masks_: MaskSet, subject_classes: li
     return ghosts
 
 
-def split_world_distance(image: Image.Image, masks_: MaskSet, subject: str) -> float:
-    """How far the background inside a region is from the scene's just outside it: the RGB distance between the
-    median colour of a band along the inner edge of the subject's own pixels and of a band around the region
-    (outside every region). A pass that painted another setting into its region (wood inside grass) is far."""
+def scene_background_share(image: Image.Image, masks_: MaskSet, subject: str) -> float:
+    """How much of the region's inner edge shows the scene's own background: the share of a band along the inner
+    edge of the subject's own pixels whose colour is within ``SPLIT_WORLD_DISTANCE`` of the median colour of a band
+    around the region (outside every region). A pass that painted another setting into its region (wood inside
+    grass) leaves ~0 of it; a subject that fills its region still leaves the scene's background between its edges
+    and the region's (rendered truth: >= 0.30 when the subject is as large as its region, <= 0.19 with another
+    background; ``tests/test_measures.py``). nan when the region leaves no band to compare."""
     pixels = np.asarray(image.convert("RGB"), np.float32)
     own = own_pixels(masks_, subject)
     band = max(2, min(masks_.width, masks_.height) // 32)
@@ -197,20 +203,21 @@ def split_world_distance(image: Image.Image, masks_: MaskSet, subject: str) -> f
     outer = around & ~masks_.union_dilated
     if inner.sum() < 8 or outer.sum() < 8:
         return float("nan")
-    return float(np.linalg.norm(np.median(pixels[inner], axis=0) - np.median(pixels[outer], axis=0)))
+    scene = np.median(pixels[outer], axis=0)
+    return float((np.linalg.norm(pixels[inner] - scene, axis=1) <= SPLIT_WORLD_DISTANCE).mean())
 
 
 def split_world(image: Image.Image, masks_: MaskSet, subject: str) -> float:
-    """1.0 when the region's own background is not the scene's (``split_world_distance`` above the limit), 0.0
-    when it is, nan when the region leaves no band to compare."""
-    return split_world_of(split_world_distance(image, masks_, subject))
+    """1.0 when the region's inner edge hardly shows the scene's background (``scene_background_share`` below
+    ``SPLIT_WORLD_MIN_SHARE``), 0.0 when it does, nan when the region leaves no band to compare."""
+    return split_world_of(scene_background_share(image, masks_, subject))
 
 
-def split_world_of(distance: float) -> float:
-    """The split-world verdict of a ``split_world_distance``: 1.0 above the limit, 0.0 under it, nan for nan."""
-    return float(distance > SPLIT_WORLD_DISTANCE) if np.isfinite(distance) else float("nan")
+def split_world_of(share: float) -> float:
+    """The verdict of a ``scene_background_share``: 1.0 below the limit, 0.0 at or above it, nan for nan."""
+    return float(share < SPLIT_WORLD_MIN_SHARE) if np.isfinite(share) else float("nan")
 
 
 __all__ = ["own_pixels", "own_crop", "own_crops", "background_color", "locate_objects", "locate_object",
            "object_crop", "zero_shot", "name_object", "class_present", "Ghost", "find_ghosts",
-           "split_world_distance", "split_world", "split_world_of"]
+           "scene_background_share", "split_world", "split_world_of"]

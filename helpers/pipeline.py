@@ -277,7 +277,7 @@ def pass_batches(jobs: list[PassJob], masks_: MaskSet, config: ProjectConfig) ->
 def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
                  jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
     """Several subject passes as one batched inpaint call at one pass size, sample ``i`` with only job ``i``'s LoRA
-    (``adapters.per_sample_adapters``: peft's mixed-batch LoRA, no adapter switch per sample). Each result is
+    (``adapters.per_sample_adapters``: each sample's own LoRA delta, no adapter switch per sample). Each result is
     ``image`` with only that job's region repainted."""
     from torch.profiler import record_function
 
@@ -299,8 +299,8 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image,
         with record_function("pass/inpaint"):
             latents = inpaint_latents(models, config, [c for c, _ in inputs], [m for _, m in inputs],
                                       jobs[0].strength, [j.seed for j in jobs], size, **text)
-    with record_function("pass/decode"):
-        painted = models.decode(latents)
+    with record_function("pass/decode"):  # one at a time: a batch of 1024² decodes is the peak of the whole run
+        painted = [models.decode(latents[i:i + 1])[0] for i in range(len(latents))]
     seconds = (time.perf_counter() - start) / len(jobs)
     with record_function("pass/paste"):
         return [(_paste_pass(image, p, masks_, j.subject.name, box),

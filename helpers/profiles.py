@@ -12,14 +12,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .io import set_aside
+from .io import set_aside, temp_folder
 
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
@@ -113,17 +112,13 @@ def ensure_tiny_pipeline(cache_dir: Path) -> Path:
         set_aside(folder, "incomplete tiny-model cache (no model_index.json)")
     quiet_libraries()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=folder.parent))
-    try:
+    with temp_folder(folder) as tmp:  # a killed build leaves a temp folder the next start sweeps
         pipe = StableDiffusionXLPipeline(**tiny_components(), add_watermarker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            pass
     return folder
 
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,14 +22,15 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import LORA_WEIGHTS_FILE, generate
+from .adapters import LORA_WEIGHTS_FILE, LoraFileError, generate, load_lora_file
 from .config import ProjectConfig, Subject
 from .data import augment, load_subject_photos, subject_photo_paths
-from .io import atomic_path, save_image_atomic, set_aside, write_json_atomic
+from .io import atomic_path, save_image_atomic, set_aside, temp_folder, write_json_atomic
 from .models import ModelBundle, library_versions, load_models, model_source
 
 META_FILE = "train_meta.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+KOHYA_SUFFIX = "_kohya.safetensors"  # beside the diffusers file: the same LoRA for A1111/ComfyUI
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 VIEWS_PER_PHOTO = 4  # augmented crops/flips per photo, encoded once
 
@@ -38,7 +38,7 @@ VIEWS_PER_PHOTO = 4  # augmented crops/flips per photo, encoded once
 @dataclass
 class TrainReport:
     subject: str
-    status: str  # "trained", "skipped", "resumed", "interrupted"
+    status: str  # "trained", "skipped", "resumed", "interrupted", "provided" (the subject's own lora_file)
     steps_done: int
     seconds: float
     loss_history: list[float] = field(default_factory=list)
@@ -92,7 +92,7 @@ def lora_file_record(path: Path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-        down = next((k for k in keys if "lora_A" in k or "lora.down" in k), None)
+        down = next((k for k in keys if any(m in k for m in ("lora_A", "lora.down", "lora_down"))), None)
         rank = int(f.get_slice(down).get_shape()[0]) if down else 0
     return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16], "rank": rank, "tensors": len(keys)}
 
@@ -456,10 +456,11 @@ def export_lora(trainer: LoraTrainer, subject: Subject, folder: Path, fingerprin
     from diffusers import StableDiffusionXLPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with temp_folder(folder / LORA_WEIGHTS_FILE) as tmp:  # a killed export leaves a folder the next start sweeps
         StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=trainer.lora_state_dict(),
                                                     safe_serialization=True)
-        os.replace(Path(tmp) / LORA_WEIGHTS_FILE, folder / LORA_WEIGHTS_FILE)
+        os.replace(tmp / LORA_WEIGHTS_FILE, folder / LORA_WEIGHTS_FILE)
+    export_kohya(folder / LORA_WEIGHTS_FILE, kohya_path(folder, subject), subject)
     write_json_atomic(folder / META_FILE, {
         "lora_file": lora_file_record(folder / LORA_WEIGHTS_FILE),
         "subject": subject.name, "config_hash": fingerprint_hash(fingerprint), "fingerprint": fingerprint,
@@ -468,6 +469,53 @@ def export_lora(trainer: LoraTrainer, subject: Subject, folder: Path, fingerprin
     })
     (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     return folder / LORA_WEIGHTS_FILE
+
+
+def kohya_path(folder: Path, subject: Subject) -> Path:
+    """Where the kohya-layout copy of a trained LoRA goes: ``<lora_dir>/<subject>_kohya.safetensors``."""
+    return folder / f"{subject.name}{KOHYA_SUFFIX}"
+
+
+def export_kohya(diffusers_file: Path, target: Path, subject: Subject) -> Path:
+    """The LoRA of ``diffusers_file`` also in kohya's layout, which AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI read:
+    converted by diffusers' own utilities (diffusers -> peft -> kohya keys, alpha = rank as diffusers loads it), the
+    trigger words in the safetensors metadata; written atomically."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    state = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(diffusers_file))))
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight"))
+    metadata = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_output_name": subject.name,
+                "modelspec.trigger_phrase": f"{subject.token} {subject.class_name}", "trigger_token": subject.token,
+                "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    with atomic_path(target) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    return target
+
+
+def use_lora_file(models: ModelBundle, config: ProjectConfig, subject: Subject) -> TrainReport:
+    """A subject with its own ``lora_file``: checked against this base model (loaded as a throwaway adapter through
+    diffusers' loaders, then removed), recorded in ``train_meta.json`` like a trained LoRA; no training. Raises
+    ``LoraFileError`` (one line naming the subject and the file) when it does not fit."""
+    path = config.lora_file_path(subject)
+    if not path.is_file():
+        raise LoraFileError(f"subject {subject.name!r}: lora_file {path} does not exist")
+    folder = config.lora_path(subject)
+    record = lora_file_record(path)
+    meta = read_meta(folder)
+    if not (meta and meta.get("source") == str(path) and meta.get("lora_file") == record):
+        try:
+            note = load_lora_file(models, path, f"{subject.name}__check")
+        except LoraFileError as e:
+            raise LoraFileError(f"subject {subject.name!r}: {e}") from None
+        models.txt2img.delete_adapters(f"{subject.name}__check")
+        write_json_atomic(folder / META_FILE, {"lora_file": record, "source": str(path), "subject": subject.name,
+                                               "note": note, "steps_done": 0, "loss_history": [],
+                                               "versions": library_versions()})
+        meta = read_meta(folder)
+    message = f"{subject.name}: uses its own LoRA {path.name} (hash {record['sha256']}, rank {record['rank']})"
+    if meta.get("note"):
+        message += f"; {meta['note']}"
+    return TrainReport(subject.name, "provided", 0, 0.0, [], str(path), message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,12 +574,22 @@ def run_training(config: ProjectConfig, force: bool = False, models: ModelBundle
     loaded only when something needs training.
     """
     reports = {}
+    provided = [s for s in config.subjects if s.lora_file]
+    if provided:  # every given LoRA file is checked before anything trains
+        models = models or load_models(config)
+        reports = {s.name: use_lora_file(models, config, s) for s in provided}
     for subject in config.subjects:
+        if subject.lora_file:
+            print(reports[subject.name].message)
+            continue
         fingerprint = training_fingerprint(config, subject, model_source(config.profile))
         report = None if force else skip_report(config, subject, fingerprint_hash(fingerprint))
         if report is None:
             models = models or load_models(config)
             report = train_subject(models, config, subject, force, stop_after_steps, progress, fingerprint)
+        folder = config.lora_path(subject)
+        if report.status == "skipped" and not kohya_path(folder, subject).exists():  # trained before the export
+            export_kohya(folder / LORA_WEIGHTS_FILE, kohya_path(folder, subject), subject)
         reports[subject.name] = report
         print(report.message)
     return reports

@@ -46,6 +46,28 @@ def test_a_flat_photo_is_refused_by_name(subject_dir):
         hd.load_photo(subject_dir / "flat.png", 64)
 
 
+def noisy_photo(width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def test_a_decompression_bomb_photo_gets_one_line_naming_it(subject_dir, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL refuses above twice this: a 200x200 photo
+    noisy_photo(200, 200).save(subject_dir / "huge.png")
+    with pytest.raises(hd.SubjectDataError, match=r"huge\.png: the photo is too large to open safely \(40000 "
+                                                  r"pixels, over PIL's limit of 20000") as error:
+        hd.load_photo(subject_dir / "huge.png", 64)
+    _one_line(str(error.value))
+
+
+def test_a_photo_in_the_warning_band_is_downscaled_with_a_note(subject_dir, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL warns between 10,000 and 20,000 pixels
+    monkeypatch.setattr(hd, "MAX_PHOTO_SIDE", 100)
+    noisy_photo(130, 110).save(subject_dir / "big.png")
+    with pytest.warns(UserWarning, match=r"big\.png: a very large photo .*downscaled to at most 100 px"):
+        photo = hd.load_photo(subject_dir / "big.png", 64)
+    assert max(photo.size) == 100
+
+
 def test_a_16_bit_photo_keeps_its_content_instead_of_turning_white(subject_dir):
     ramp = np.tile(np.linspace(0, 65535, 300, dtype=np.uint16), (300, 1))
     Image.fromarray(ramp).save(subject_dir / "deep.png")
@@ -473,3 +495,23 @@ def test_a_notebook_start_removes_temp_files_a_killed_write_left(tmp_path, capsy
     left.write_bytes(b"half")
     notebook_config("01", {"profile": "tiny", "output_dir": str(tmp_path)})
     assert not left.exists() and "removed 1 temp file(s)" in capsys.readouterr().out
+
+
+def test_a_notebook_start_removes_temp_folders_a_killed_export_or_build_left(tmp_path, capsys):
+    import os
+
+    dead_pid = 2**22 + 54322
+    export = tmp_path / "loras" / "cat" / f".pytorch_lora_weights.safetensors{hio.TEMP_MARK}{dead_pid}"
+    build = tmp_path / "cache" / f".tiny-sdxl-v1{hio.TEMP_MARK}{dead_pid}" / "unet"
+    live = tmp_path / "cache" / f".tiny-sdxl-v1{hio.TEMP_MARK}{os.getpid()}"
+    for folder in (export, build, live):
+        folder.mkdir(parents=True)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    notebook_config("01", {"profile": "tiny", "output_dir": str(tmp_path)})
+    assert not export.exists() and not build.parent.exists() and live.exists()
+    assert "removed 2 temp file(s)" in capsys.readouterr().out
+
+
+def test_a_tiny_model_build_and_a_lora_export_leave_no_temp_folder(tiny_config, trained):
+    leftovers = [p for p in tiny_config.output_path.rglob(f".*{hio.TEMP_MARK}*")]
+    assert leftovers == [] and (tiny_config.cache_path / "tiny-sdxl-v1" / "model_index.json").exists()

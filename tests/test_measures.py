@@ -131,20 +131,35 @@ def test_the_light_estimate_names_the_rendered_light(layout, mask_set):
     assert world.light_named_in(f"x, {other} light") == other
 
 
-def test_split_world_fires_on_a_pasted_foreign_background_and_not_on_the_scene_itself(layout, mask_set):
-    fired = false_alarms = total = 0
+def region_filling(spec, layout, seed):
+    """The same scene with each subject as large as its region (95-115 % of its short side), as a pass that fills
+    its region draws it."""
+    regions, rng = regions_of(layout), random.Random(seed)
+    return dataclasses.replace(spec, objects=tuple(
+        dataclasses.replace(o, size=min(regions[n][2:]) * rng.uniform(0.95, 1.15)) for o, n in zip(spec.objects, NAMES)))
+
+
+def test_split_world_fires_on_a_foreign_background_and_not_on_the_scenes_own(layout, mask_set):
+    """Four rendered cases per region: the scene as rendered, the subject as large as its region and cut by its
+    mask (the scene's background elsewhere), and both again with another background pasted into the region."""
+    verdicts = {"scene": [], "filling": [], "foreign": [], "filling, foreign": []}
     for seed in SEEDS:
         spec, image = rendered(layout, seed)
+        big, empty = region_filling(spec, layout, seed), dataclasses.replace(spec, objects=())
         foreign = random.Random(seed).choice([b for b in world.BACKGROUNDS if b != spec.background])
-        other = np.asarray(world.render(dataclasses.replace(spec, background=foreign)))
+        pictures = {"scene": np.asarray(image), "filling": np.asarray(world.render(big)),
+                    "foreign": np.asarray(world.render(dataclasses.replace(spec, background=foreign))),
+                    "filling, foreign": np.asarray(world.render(dataclasses.replace(big, background=foreign)))}
+        base = {"scene": np.asarray(image), "filling": np.asarray(world.render(empty)), "foreign": np.asarray(image),
+                "filling, foreign": np.asarray(image)}
         for name in NAMES:
-            false_alarms += ms.split_world(image, mask_set, name) == 1.0
-            pasted = np.asarray(image).copy()
-            pasted[mask_set.support[name]] = other[mask_set.support[name]]
-            fired += ms.split_world(Image.fromarray(pasted), mask_set, name) == 1.0
-            total += 1
-    assert fired / total >= 0.90, fired / total
-    assert false_alarms / total <= 0.05, false_alarms / total
+            for case, picture in pictures.items():
+                pasted = base[case].copy()
+                pasted[mask_set.support[name]] = picture[mask_set.support[name]]
+                verdicts[case].append(ms.split_world(Image.fromarray(pasted), mask_set, name))
+    rates = {case: float(np.mean(v)) for case, v in verdicts.items()}
+    assert rates["foreign"] >= 0.95 and rates["filling, foreign"] >= 0.90, rates
+    assert rates["scene"] <= 0.02 and rates["filling"] <= 0.05, rates
 
 
 def test_the_class_vocabulary_of_the_world_is_its_classes():

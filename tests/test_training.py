@@ -161,3 +161,43 @@ def test_expected_duration_is_an_sdxl_estimate_scaled_by_card_and_labelled_so():
     assert "~6 min" in ht.expected_duration("sdxl", "NVIDIA H100 80GB HBM3", True, 500, 1)
     assert ht.expected_duration("world", "NVIDIA L4", False, 500, 1) is None  # no measured basis: says nothing
     assert ht.expected_duration("sdxl", "Some Other GPU", False, 500, 1) is None
+
+
+def _unet_output(models, adapter):
+    unet = models.unet
+    generator = torch.Generator().manual_seed(0)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    args = (torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([400]),
+            torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator))
+    extra = {"text_embeds": torch.randn(1, pooled, generator=generator), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad(), only_adapter(models, adapter):
+        return unet(*args, added_cond_kwargs=extra).sample
+
+
+def test_kohya_files_load_as_a_subjects_lora_file_with_the_adapters_outputs(tiny_config, tiny_models, trained,
+                                                                             tmp_path):
+    """The export of a trained LoRA, and a peer's LoRA converted with diffusers' own utilities in the test, each
+    given as ``lora_file``: the UNet computes what the original adapter computes."""
+    import dataclasses
+
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    from helpers.adapters import load_subject_loras
+    from helpers.models import load_models
+
+    cat, mug = tiny_config.subject("cat"), tiny_config.subject("mug")
+    exported = ht.kohya_path(tiny_config.lora_path(cat), cat)
+    peer = tmp_path / "mug_converted.safetensors"
+    save_file(convert_state_dict_to_kohya(convert_all_state_dict_to_peft(
+        load_file(str(tiny_config.lora_path(mug) / LORA_WEIGHTS_FILE)))), str(peer))
+    given = tiny_config.replace(output_dir=str(tmp_path / "out"), subjects=[
+        dataclasses.replace(cat, lora_file=str(exported)), dataclasses.replace(mug, lora_file=str(peer))])
+    models = load_models(given)
+    reports = run_training(given, models=models, progress=False)
+    assert {r.status for r in reports.values()} == {"provided"}
+    assert json.loads((given.lora_path(cat) / META_FILE).read_text())["source"] == str(exported)
+    load_subject_loras(models, given)
+    for name in ("cat", "mug"):
+        assert torch.allclose(_unet_output(models, name), _unet_output(tiny_models, name), atol=1e-5), name
+    assert not torch.allclose(_unet_output(models, "cat"), _unet_output(models, None), atol=1e-5)

@@ -1,14 +1,16 @@
 """The rendered world and the quality gates of the models trained on it (fixed seeds, CPU; thresholds from what was
 measured, with a margin: see models/world/MODEL_CARD.md)."""
+import dataclasses
 import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import world
 from helpers.world import evaluate as we
-from helpers.adapters import generate, load_subject_loras
+from helpers.adapters import generate, load_subject_loras, only_adapter
 from helpers.config import PROJECT_ROOT
 from helpers.models import load_models
 from helpers.notebook import make_config
@@ -29,6 +31,13 @@ def world_models(world_config):
 @pytest.fixture(scope="module")
 def world_scorer(world_config):
     return ClipScorer.for_config(world_config)
+
+
+@pytest.fixture(scope="module")
+def world_cat(world_config, world_models):
+    """The world's cat LoRA, trained once for the module (``run_training`` skips it when it is up to date)."""
+    config = world_config.replace(subjects=world_config.subjects[:1])
+    return config, run_training(config, models=world_models, progress=False)["cat"]
 
 
 # -- the world itself ------------------------------------------------------------------------------------------
@@ -122,9 +131,8 @@ def test_same_seed_same_world_image(world_config, world_models):
                                                                         4)))
 
 
-def test_gate_a_subject_lora_learns_the_subjects_look(world_config, world_models, world_scorer, capsys):
-    config = world_config.replace(subjects=world_config.subjects[:1])
-    report = run_training(config, models=world_models, progress=False)["cat"]
+def test_gate_a_subject_lora_learns_the_subjects_look(world_cat, world_models, world_scorer, capsys):
+    config, report = world_cat
     assert report.steps_done == config.train_steps
     load_subject_loras(world_models, config)
     base = [world_scorer.identity(generate(world_models, config, "a photo of a cat", s), "cat") for s in range(8)]
@@ -157,3 +165,93 @@ def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_ship
     assert sum(p.numel() for p in model.parameters()) > 1e6
     report = __import__("json").loads((out / "training_report.json").read_text())
     assert {"data", "vae", "unet", "scorer"} <= set(report) and report["unet"]["continued_steps"] == 1
+
+
+def test_a_closeup_shows_one_object_at_a_regions_scale_and_names_it():
+    for seed in range(20):
+        scene = world.render_closeup(seed)
+        sizes = [o.size for o in scene.spec.objects]
+        assert scene.image.size == (world.SIZE, world.SIZE) and sizes
+        assert max(sizes) >= world.CLOSEUP_FILL[0] - 1e-6  # the object it was cropped around fills the picture
+        assert all(o.cls in scene.caption for o in scene.spec.objects)
+
+
+
+# -- any diffusers user, and LoRAs in and out ---------------------------------------------------------------------
+def test_the_world_pipeline_runs_in_plain_diffusers_with_a_world_lora(world_cat):
+    """No project code and no torch_dtype: what a diffusers user types."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    from helpers.profiles import WORLD_DIR
+
+    config, report = world_cat
+    pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_DIR / "pipeline")
+    assert {getattr(pipe, k).dtype for k in ("unet", "vae", "text_encoder", "text_encoder_2")} == {torch.float32}
+    pipe.load_lora_weights(str(config.lora_path(config.subjects[0])), weight_name="pytorch_lora_weights.safetensors",
+                           adapter_name="cat")
+    image = pipe("a photo of sks cat", num_inference_steps=4, height=128, width=128).images[0]
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    painted = inpaint("a photo of sks cat", image=image, mask_image=mask, strength=0.85, num_inference_steps=4,
+                      height=128, width=128).images[0]
+    assert image.size == painted.size == (128, 128)
+    assert np.asarray(painted).std() > 1 and not np.array_equal(np.asarray(painted), np.asarray(image))
+    half = StableDiffusionXLPipeline.from_pretrained(WORLD_DIR / "pipeline", torch_dtype=torch.float16)
+    assert {getattr(half, k).dtype for k in ("unet", "vae", "text_encoder", "text_encoder_2")} == {torch.float16}
+
+
+def unet_output(models, adapter: str | None) -> torch.Tensor:
+    unet = models.unet
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    extra = {"text_embeds": torch.randn(1, pooled, generator=generator), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad(), only_adapter(models, adapter):
+        return unet(x.to(unet.dtype), torch.tensor([400]), text.to(unet.dtype),
+                    added_cond_kwargs={k: v.to(unet.dtype) for k, v in extra.items()}).sample.float()
+
+
+def test_the_kohya_export_loads_back_as_a_subjects_lora_file_with_the_same_outputs(world_cat, world_config):
+    from safetensors import safe_open
+
+    from helpers.training import kohya_path
+
+    config, _ = world_cat
+    subject = config.subjects[0]
+    kohya = kohya_path(config.lora_path(subject), subject)
+    with safe_open(str(kohya), framework="pt") as f:
+        assert f.metadata()["modelspec.trigger_phrase"] == "sks cat"
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+    trained = load_models(config)
+    load_subject_loras(trained, config)
+    given = world_config.replace(subjects=[dataclasses.replace(subject, lora_file=str(kohya), lora_dir="loras/given")])
+    models = load_models(given)
+    reports = run_training(given, models=models, progress=False)
+    assert reports["cat"].status == "provided" and "uses its own LoRA cat_kohya.safetensors" in reports["cat"].message
+    load_subject_loras(models, given)
+    original, loaded = unet_output(trained, "cat"), unet_output(models, "cat")
+    assert torch.allclose(original, loaded, atol=1e-3), (original - loaded).abs().max()
+    assert not torch.allclose(loaded, unet_output(models, None), atol=1e-3)  # and the LoRA does something
+
+
+def test_a_lora_made_for_another_base_model_is_refused_in_one_line(world_config, tmp_path):
+    import warnings
+
+    from helpers.adapters import LoraFileError, adapter_names
+
+    tiny = make_config("tiny", output_dir=str(tmp_path / "tiny"), train_steps=2, checkpoint_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_training(tiny.replace(subjects=tiny.subjects[:1]), progress=False)
+    foreign = tiny.lora_path(tiny.subjects[0]) / "pytorch_lora_weights.safetensors"
+    given = world_config.replace(subjects=[dataclasses.replace(world_config.subjects[0], lora_file=str(foreign),
+                                                               lora_dir="loras/foreign")])
+    models = load_models(given)
+    with pytest.raises(LoraFileError, match=r"subject 'cat': .*pytorch_lora_weights.safetensors cannot be loaded") \
+            as error:
+        run_training(given, models=models, progress=False)
+    assert "\n" not in str(error.value)
+    assert adapter_names(models) == []  # nothing half-loaded stays
+    assert not (given.lora_path(given.subjects[0]) / "train_meta.json").exists()

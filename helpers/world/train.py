@@ -329,6 +329,12 @@ def save_pipeline(folder: Path, vae, unet, te1, te2) -> None:
         tokenizer_2=clip_tokenizer("!"), scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
         add_watermarker=False, force_zeros_for_empty_prompt=False)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    # fp16 weights (small), but the encoders' configs say float32: transformers loads a model in the dtype its config
+    # names, diffusers its own models in float32, so with "float16" there a bare ``from_pretrained(folder)`` mixed
+    # fp16 encoders with an fp32 UNet and failed at the first call. A ``torch_dtype`` given to it still wins.
+    for encoder in ("text_encoder", "text_encoder_2"):
+        config_file = folder / encoder / "config.json"
+        write_json_atomic(config_file, {**json.loads(config_file.read_text()), "dtype": "float32"})
 
 
 def save_scorer(folder: Path, model) -> None:
