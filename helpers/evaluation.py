@@ -248,31 +248,35 @@ class Evaluation:
 
 def run_evaluation(models: ModelBundle, config: ProjectConfig, layout: Layout, judges: Judges, folder: Path,
                    scenes: list[str] | None = None, seeds: list[int] | None = None,
-                   progress: Callable[[str], None] | None = print) -> Evaluation:
+                   progress: Callable[[str], None] | None = print, shard: tuple[int, int] = (0, 1)) -> Evaluation:
     """Every (scene, seed): a stored run made with the same settings, layout and LoRAs is read back, any other is
-    made and written at once (``folder/runs/<run>.json`` + its pictures), so an interrupted evaluation continues."""
+    made and written at once (``folder/runs/<run>.json`` + its pictures), so an interrupted evaluation continues.
+    ``shard=(rank, processes)``: only the cells whose index is ``rank`` modulo ``processes`` (one process of several
+    under ``accelerate launch``; a cell's pictures depend on its seeds only, so the split changes no number)."""
     scenes = scenes or evaluation_scenes(config)
     seeds = seeds or [config.eval_seed_start + i for i in range(config.eval_seeds)]
     fingerprint = evaluation_fingerprint(config, layout)
     runs_dir = Path(folder) / "runs"
     runs, reused, start = [], 0, time.perf_counter()
-    total = len(scenes) * len(seeds)
-    for scene_index, scene in enumerate(scenes):
-        for seed in seeds:
-            path = runs_dir / f"scene{scene_index}_seed{seed}.json"
-            stored = _stored_run(path, fingerprint, scene)
-            if stored is not None:
-                runs.append(stored)
-                reused += 1
-                continue
-            run = evaluate_run(models, config, layout, judges, scene_index, scene, seed, runs_dir)
-            write_json_atomic(path, run.to_dict(fingerprint))
-            runs.append(run)
-            if progress:
-                done = len(runs)
-                made = done - reused
-                eta = (time.perf_counter() - start) / made * (total - done)
-                progress(f"run {done}/{total} ({scene!r}, seed {seed}) done; ~{eta:.0f} s left")
+    rank, processes = shard
+    cells = [(i, scene, seed) for i, scene in enumerate(scenes) for seed in seeds]
+    cells = [cell for index, cell in enumerate(cells) if index % processes == rank]
+    total = len(cells)
+    for scene_index, scene, seed in cells:
+        path = runs_dir / f"scene{scene_index}_seed{seed}.json"
+        stored = _stored_run(path, fingerprint, scene)
+        if stored is not None:
+            runs.append(stored)
+            reused += 1
+            continue
+        run = evaluate_run(models, config, layout, judges, scene_index, scene, seed, runs_dir)
+        write_json_atomic(path, run.to_dict(fingerprint))
+        runs.append(run)
+        if progress:
+            done = len(runs)
+            made = done - reused
+            eta = (time.perf_counter() - start) / made * (total - done)
+            progress(f"run {done}/{total} ({scene!r}, seed {seed}) done; ~{eta:.0f} s left")
     if progress and reused:
         progress(f"{reused} of {total} runs read back from {runs_dir} (same settings, layout and LoRAs)")
     return Evaluation(runs, Path(folder), reused)

@@ -108,7 +108,9 @@ def ensure_tiny_pipeline(cache_dir: Path) -> Path:
     folder = Path(cache_dir) / TINY_VERSION
     if (folder / "model_index.json").exists():
         return folder
-    if folder.exists():  # a build that was killed before its rename cannot leave this; a damaged copy can
+    # a build that was killed before its rename cannot leave this; a damaged copy can. Checked in this order because
+    # another process may rename its finished build into place at any moment (``evaluate`` under accelerate)
+    if folder.exists() and not (folder / "model_index.json").exists():
         set_aside(folder, "incomplete tiny-model cache (no model_index.json)")
     quiet_libraries()
     folder.parent.mkdir(parents=True, exist_ok=True)

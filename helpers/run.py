@@ -7,7 +7,10 @@ the notebook and the cell.
 ``python -m helpers evaluate [--profile world] [--scenes 3] [--seeds 32] [--out output/evaluation]`` is the full
 evaluation without notebooks: trains the LoRAs when they are missing or stale, then runs baseline / ours / ours+QA on
 every (scene, seed) from ``eval_seed_start`` (one file per run: an interrupted evaluation continues) and writes the
-report to ``<out>/report``.
+report to ``<out>/report``. ``python -m helpers train [--profile world] [--out output]`` trains what is missing or
+stale. Both split their work over processes when started with ``accelerate launch --multi_gpu --num_processes N -m
+helpers ...`` (NCCL on GPUs; gloo on CPUs with ``--device cpu``): subjects and (scene, seed) cells are dealt out by
+rank, every cell writes its own file, the main process merges them; N processes give the numbers of one.
 """
 from __future__ import annotations
 
@@ -280,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
                           help="subjects and scenes of a preset, e.g. two-cats (two subjects of one class)")
     evaluate.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                           help="a setting, e.g. -p inpaint_strength 0.9 (repeatable)")
+    train = sub.add_parser("train", help="train every subject's LoRA (what is up to date is skipped); under "
+                                         "`accelerate launch --num_processes N` N subjects at once")
+    train.add_argument("--profile", choices=["auto", "world", "tiny", "sdxl"], default="world")
+    train.add_argument("--out", default="output", help="output folder (LoRAs under <out>/loras)")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    train.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[])
     refresh = sub.add_parser("refresh-checked-outputs",
                              help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
     refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
@@ -295,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted before any notebook finished", file=sys.stdout)
             return 130
         return code
-    if args.command == "evaluate":
+    if args.command in ("evaluate", "train"):
         params = {name: parse_value(value) for name, value in args.parameter}
         params = {**(PRESETS[args.preset] if args.preset else {}), **params}
+        if args.command == "train":
+            from .notebook import make_config
+
+            train_share(make_config(args.profile, output_dir=args.out, **params), process_state(args.device))
+            return 0
         return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
     if args.command == "clean-notebooks":
         import nbformat
@@ -310,6 +325,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def process_state(device: str | None = None):
+    """accelerate's view of the processes: one (plain ``python -m helpers ...``) or the N of ``accelerate launch
+    --num_processes N -m helpers ...`` (gloo on CPUs, NCCL on GPUs, set up by accelerate)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+def train_share(config, state) -> None:
+    """Each process trains every N-th subject (skipping what is up to date), then all wait until every LoRA is
+    written: N processes train N subjects at once."""
+    from .profiles import ensure_tiny_pipeline
+    from .training import run_training
+
+    if config.profile == "tiny":
+        with state.main_process_first():  # one process builds the shared model cache, the others then read it
+            ensure_tiny_pipeline(config.cache_path)
+    mine = [s for i, s in enumerate(config.subjects) if i % state.num_processes == state.process_index]
+    if mine:
+        run_training(config.replace(subjects=mine), progress=False)  # on this process's device (accelerate sets it)
+    state.wait_for_everyone()
+
+
 def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str | None = None,
                     parameters: dict | None = None) -> int:
     """Train what is missing, evaluate every (scene, seed), write the report; prints the paired table last."""
@@ -320,19 +358,28 @@ def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str
     from .models import load_models
     from .notebook import make_config
     from .scoring import ClipScorer, optional_dino_scorer
-    from .training import loss_histories, run_training
+    from .training import loss_histories
 
     config = make_config(profile, output_dir=out, eval_prompts=scenes, eval_seeds=seeds, **(parameters or {}))
     start = time.perf_counter()
-    run_training(config, progress=False)
+    state = process_state(device)
+    device = device if state.num_processes == 1 else str(state.device)
+    train_share(config, state)
     models = load_models(config, device=device)
     load_subject_loras(models, config)
     layout, note = load_or_default_layout(config.output_path / LAYOUT_FILE, config.subject_names, config.resolution,
                                           config.resolution)
     scorer = ClipScorer.for_config(config, device=device)
     judges = he.Judges.for_config(config, scorer, optional_dino_scorer(config, scorer))
-    print(f"{config.profile}: {note}; {scenes} scene(s) x {seeds} seed(s) from seed {config.eval_seed_start}")
-    evaluation = he.run_evaluation(models, config, layout, judges, config.output_path)
+    shard = (state.process_index, state.num_processes)
+    print(f"{config.profile}: {note}; {scenes} scene(s) x {seeds} seed(s) from seed {config.eval_seed_start}"
+          + (f"; process {shard[0] + 1} of {shard[1]}" if shard[1] > 1 else ""))
+    evaluation = he.run_evaluation(models, config, layout, judges, config.output_path, shard=shard)
+    if shard[1] > 1:  # every process has written its cells; the main one reads them all back and reports
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return 0
+        evaluation = he.run_evaluation(models, config, layout, judges, config.output_path, progress=None)
     report = hf.write_evaluation_report(evaluation, judges, layout, config, loss_histories(config),
                                         config.output_path / "report")
     print(f"report: {report['html']} ({time.perf_counter() - start:.0f} s)")
