@@ -238,7 +238,7 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
         raise MissingLoraError(f"adapter(s) {', '.join(missing)} not loaded (loaded: {loaded or 'none'}); call "
                                f"load_subject_loras first")
     layers = [m for m in models.unet.modules() if isinstance(m, LoraLayer)]
-    if not all(_is_plain_lora(m, n) for m in layers for n in set(names) if n in m.lora_A):
+    if not batchable(models, names):
         raise ValueError("batched subject passes need plain linear LoRAs (no DoRA, no LoRA bias); set "
                          "batch_subject_passes='off'")
     with torch.no_grad():
@@ -249,6 +249,12 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
     finally:
         for layer in layers:
             del layer.forward  # the class's (peft's) forward again
+
+
+def batchable(models: ModelBundle, names: list[str | None]) -> bool:
+    """Whether these adapters can share one batched call: plain linear LoRAs (a DoRA or a LoRA with a bias, e.g. from
+    a user's own file, goes through peft's own forward in a pass of its own)."""
+    return all(_is_plain_lora(m, n) for m in _lora_layers(models) for n in set(names) if n in m.lora_A)
 
 
 def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

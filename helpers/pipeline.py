@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapters import (ALL_ADAPTERS, active_adapters, adapter_names, fused_adapter, generate, only_adapter,
+from .adapters import (ALL_ADAPTERS, active_adapters, adapter_names, batchable, fused_adapter, generate, only_adapter,
                        per_sample_adapters)
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
@@ -252,6 +252,13 @@ def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _batches(models: ModelBundle, config: ProjectConfig, jobs: list[PassJob], masks_: MaskSet) -> list[list[PassJob]]:
+    """``pass_batches``, or one job per batch when the jobs' LoRAs cannot share a call (``adapters.batchable``)."""
+    if not batchable(models, [j.subject.name for j in jobs]):
+        return [[job] for job in jobs]
+    return pass_batches(jobs, masks_, config)
+
+
 def pass_batches(jobs: list[PassJob], masks_: MaskSet, config: ProjectConfig) -> list[list[PassJob]]:
     """The jobs, in order, cut into batches that run as one call each: consecutive jobs of one strength. With
     ``batch_subject_passes="disjoint"`` a job joins the batch only when its crop box overlaps no member's, so no
@@ -313,7 +320,7 @@ def region_passes(models: ModelBundle, config: ProjectConfig, image: Image.Image
     """Every job's pass, in order, each batch (``pass_batches``) as one call; a later batch paints on the picture
     the earlier ones left. Returns the picture after each job (its stage) and what each pass did."""
     stages, infos = [], []
-    for batch in pass_batches(jobs, masks_, config):
+    for batch in _batches(models, config, jobs, masks_):
         if len(batch) == 1:
             job = batch[0]
             image, info = region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
@@ -333,7 +340,7 @@ def pass_candidates(models: ModelBundle, config: ProjectConfig, image: Image.Ima
     """One candidate per job, each ``image`` with only its job's region repainted (the QA loop's refinements of a
     round): batched where ``pass_batches`` allows, otherwise one pass after another, all from the same ``image``."""
     out = []
-    for batch in pass_batches(jobs, masks_, config):
+    for batch in _batches(models, config, jobs, masks_):
         if len(batch) == 1:
             job = batch[0]
             out.append(region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,

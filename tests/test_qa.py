@@ -68,7 +68,7 @@ def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
     def run(script, max_retries=2, named=None, **config_changes):
         scorer = ScriptedScorer(script, named=named)
         config = tiny_config.replace(max_retries=max_retries, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
-                                     **config_changes)
+                                     **{"batch_subject_passes": "off", **config_changes})  # the spy sees each pass
         return qa.qa_loop(tiny_models, base_result, config, scorer), refinements
 
     return run

@@ -163,7 +163,7 @@ def test_expected_duration_is_an_sdxl_estimate_scaled_by_card_and_labelled_so():
     assert ht.expected_duration("sdxl", "Some Other GPU", False, 500, 1) is None
 
 
-def _unet_output(models, adapter):
+def _unet_with(models, adapter):
     unet = models.unet
     generator = torch.Generator().manual_seed(0)
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
@@ -199,5 +199,5 @@ def test_kohya_files_load_as_a_subjects_lora_file_with_the_adapters_outputs(tiny
     assert json.loads((given.lora_path(cat) / META_FILE).read_text())["source"] == str(exported)
     load_subject_loras(models, given)
     for name in ("cat", "mug"):
-        assert torch.allclose(_unet_output(models, name), _unet_output(tiny_models, name), atol=1e-5), name
-    assert not torch.allclose(_unet_output(models, "cat"), _unet_output(models, None), atol=1e-5)
+        assert torch.allclose(_unet_with(models, name), _unet_with(tiny_models, name), atol=1e-5), name
+    assert not torch.allclose(_unet_with(models, "cat"), _unet_with(models, None), atol=1e-5)
