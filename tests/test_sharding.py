@@ -1,5 +1,5 @@
 """The evaluation and the training split over processes with ``accelerate launch`` (gloo on this CPU): N processes
-give the numbers of one, and a run killed halfway continues without redoing finished cells."""
+give the numbers of one, and a run killed halfway continues without redoing finished cells (world profile, small)."""
 import csv
 import os
 import re
@@ -13,8 +13,9 @@ import pytest
 
 from helpers.config import PROJECT_ROOT
 
-ARGS = ["evaluate", "--profile", "tiny", "--scenes", "1", "--device", "cpu", "-p", "train_steps", "4", "-p",
-        "max_retries", "1"]
+# a small world evaluation: its real models, short LoRA training and few steps, so that CI stays quick
+ARGS = ["evaluate", "--profile", "world", "--scenes", "1", "--device", "cpu", "-p", "train_steps", "8", "-p", "steps",
+        "6", "-p", "max_retries", "1"]
 TIMINGS = {"seconds"}  # the only column that differs between runs: wall-clock time
 # accelerate's multi-process launcher (torchrun underneath); with --device cpu the processes talk over gloo. Its
 # --cpu flag instead expects mpirun for more than one process.
