@@ -230,14 +230,12 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
     Python loop over adapters in each of SDXL's 560 layers, which made a batch of two passes slower than the two
     passes one after the other on an H200 (``benchmarks/results``). A batch that is a multiple of ``names``
     (classifier-free guidance stacks [negative..., positive...]) repeats the names in the same order."""
-    from peft.tuners.lora import LoraLayer
-
     loaded = adapter_names(models)
     missing = sorted({n for n in names if n is not None and n not in loaded})
     if missing:
         raise MissingLoraError(f"adapter(s) {', '.join(missing)} not loaded (loaded: {loaded or 'none'}); call "
                                f"load_subject_loras first")
-    layers = [m for m in models.unet.modules() if isinstance(m, LoraLayer)]
+    layers = _lora_layers(models)
     if not batchable(models, names):
         raise ValueError("batched subject passes need plain linear LoRAs (no DoRA, no LoRA bias); set "
                          "batch_subject_passes='off'")

@@ -315,20 +315,24 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image,
                 for j, box, p, n in zip(jobs, boxes, painted, names)]
 
 
+def _run_batch(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+               batch: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
+    """One batch of ``_batches``: a lone job is a plain (fused) pass, more share one batched call; each result is
+    ``image`` with only its job's region repainted."""
+    if len(batch) > 1:
+        return batched_pass(models, config, image, masks_, batch)
+    job = batch[0]
+    return [region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
+                        job.emphasis_weight)]
+
+
 def region_passes(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
                   jobs: list[PassJob]) -> tuple[list[Image.Image], list[SubjectPass]]:
     """Every job's pass, in order, each batch (``pass_batches``) as one call; a later batch paints on the picture
     the earlier ones left. Returns the picture after each job (its stage) and what each pass did."""
     stages, infos = [], []
     for batch in _batches(models, config, jobs, masks_):
-        if len(batch) == 1:
-            job = batch[0]
-            image, info = region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
-                                      job.emphasis_weight)
-            stages.append(image)
-            infos.append(info)
-            continue
-        for job, (painted, info) in zip(batch, batched_pass(models, config, image, masks_, batch)):
+        for job, (painted, info) in zip(batch, _run_batch(models, config, image, masks_, batch)):
             image = _copy_region(image, painted, masks_, job.subject.name, config.region_margin)
             stages.append(image)
             infos.append(info)
@@ -339,15 +343,8 @@ def pass_candidates(models: ModelBundle, config: ProjectConfig, image: Image.Ima
                     jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
     """One candidate per job, each ``image`` with only its job's region repainted (the QA loop's refinements of a
     round): batched where ``pass_batches`` allows, otherwise one pass after another, all from the same ``image``."""
-    out = []
-    for batch in _batches(models, config, jobs, masks_):
-        if len(batch) == 1:
-            job = batch[0]
-            out.append(region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
-                                   job.emphasis_weight))
-        else:
-            out += batched_pass(models, config, image, masks_, batch)
-    return out
+    return [out for batch in _batches(models, config, jobs, masks_)
+            for out in _run_batch(models, config, image, masks_, batch)]
 
 
 def _copy_region(image: Image.Image, picture: Image.Image, masks_: MaskSet, name: str, margin: float) -> Image.Image:

@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -492,10 +493,11 @@ def export_kohya(diffusers_file: Path, target: Path, subject: Subject) -> Path:
     return target
 
 
-def use_lora_file(models: ModelBundle, config: ProjectConfig, subject: Subject) -> TrainReport:
+def use_lora_file(models: Callable[[], ModelBundle], config: ProjectConfig, subject: Subject) -> TrainReport:
     """A subject with its own ``lora_file``: checked against this base model (loaded as a throwaway adapter through
-    diffusers' loaders, then removed), recorded in ``train_meta.json`` like a trained LoRA; no training. Raises
-    ``LoraFileError`` (one line naming the subject and the file) when it does not fit."""
+    diffusers' loaders, then removed), recorded in ``train_meta.json`` like a trained LoRA; no training. ``models``
+    gives the bundle, called only when the file was not checked before. Raises ``LoraFileError`` (one line naming
+    the subject and the file) when it does not fit."""
     path = config.lora_file_path(subject)
     if not path.is_file():
         raise LoraFileError(f"subject {subject.name!r}: lora_file {path} does not exist")
@@ -503,11 +505,12 @@ def use_lora_file(models: ModelBundle, config: ProjectConfig, subject: Subject) 
     record = lora_file_record(path)
     meta = read_meta(folder)
     if not (meta and meta.get("source") == str(path) and meta.get("lora_file") == record):
+        bundle = models()
         try:
-            note = load_lora_file(models, path, f"{subject.name}__check")
+            note = load_lora_file(bundle, path, f"{subject.name}__check")
         except LoraFileError as e:
             raise LoraFileError(f"subject {subject.name!r}: {e}") from None
-        models.txt2img.delete_adapters(f"{subject.name}__check")
+        bundle.txt2img.delete_adapters(f"{subject.name}__check")
         write_json_atomic(folder / META_FILE, {"lora_file": record, "source": str(path), "subject": subject.name,
                                                "note": note, "steps_done": 0, "loss_history": [],
                                                "versions": library_versions()})
@@ -571,13 +574,15 @@ def run_training(config: ProjectConfig, force: bool = False, models: ModelBundle
 
     A changed training config (settings, subject words, base model or photos) retrains that subject automatically:
     the old LoRA stays in place until the new one is written, and the message names what changed. The models are
-    loaded only when something needs training.
+    loaded only when something needs training or a subject's own ``lora_file`` needs checking.
     """
-    reports = {}
-    provided = [s for s in config.subjects if s.lora_file]
-    if provided:  # every given LoRA file is checked before anything trains
+    def bundle() -> ModelBundle:
+        nonlocal models
         models = models or load_models(config)
-        reports = {s.name: use_lora_file(models, config, s) for s in provided}
+        return models
+
+    # every given LoRA file is checked before anything trains
+    reports = {s.name: use_lora_file(bundle, config, s) for s in config.subjects if s.lora_file}
     for subject in config.subjects:
         if subject.lora_file:
             print(reports[subject.name].message)
@@ -585,8 +590,7 @@ def run_training(config: ProjectConfig, force: bool = False, models: ModelBundle
         fingerprint = training_fingerprint(config, subject, model_source(config.profile))
         report = None if force else skip_report(config, subject, fingerprint_hash(fingerprint))
         if report is None:
-            models = models or load_models(config)
-            report = train_subject(models, config, subject, force, stop_after_steps, progress, fingerprint)
+            report = train_subject(bundle(), config, subject, force, stop_after_steps, progress, fingerprint)
         folder = config.lora_path(subject)
         if report.status == "skipped" and not kohya_path(folder, subject).exists():  # trained before the export
             export_kohya(folder / LORA_WEIGHTS_FILE, kohya_path(folder, subject), subject)

@@ -197,6 +197,9 @@ def test_kohya_files_load_as_a_subjects_lora_file_with_the_adapters_outputs(tiny
     reports = run_training(given, models=models, progress=False)
     assert {r.status for r in reports.values()} == {"provided"}
     assert json.loads((given.lora_path(cat) / META_FILE).read_text())["source"] == str(exported)
+    with pytest.MonkeyPatch.context() as patch:  # checked once: a second run loads no model for them
+        patch.setattr(ht, "load_models", lambda *a, **k: pytest.fail("models loaded for recorded LoRA files"))
+        assert {r.status for r in run_training(given, progress=False).values()} == {"provided"}
     load_subject_loras(models, given)
     for name in ("cat", "mug"):
         assert torch.allclose(_unet_with(models, name), _unet_with(tiny_models, name), atol=1e-5), name
