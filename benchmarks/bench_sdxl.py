@@ -188,6 +188,37 @@ def bench_batched(models, config, rows: dict) -> None:
                                                                    3)[::2]
 
 
+def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
+    """The regime of a card that is busy with one image (an L4, an A100): four pictures per call. The plain
+    pipelines draw ``num_images_per_prompt=4``; ours makes four composites of one layout
+    (``pipeline.coarse_to_fine_many``: Phase 0 in one call, every batch of subject passes once for all four)."""
+    from PIL import Image
+
+    size, seeds = config.resolution, [0, 1, 2, 3]
+    models.txt2img.disable_lora()
+    plain = lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,  # noqa: E731
+                        num_images_per_prompt=4, generator=torch.Generator().manual_seed(0), output_type="pil")
+    plain()  # warm-up of the batch shape
+    rows["batch 4: plain t2i"] = timed(plain, 2)[::2]
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    rows[f"batch 4: plain inpaint {size}²"] = timed(lambda: inpaint(
+        "a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=size, width=size,
+        num_inference_steps=config.steps, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+        output_type="pil"), 2)[::2]
+    models.txt2img.enable_lora()
+    for n in (2, 4):
+        cfg = config.replace(subjects=config.subjects[:n])
+        layout = default_layout(cfg.subject_names, size, size)
+        for mode in ("off", "all"):
+            c = cfg.replace(batch_subject_passes=mode)
+            hp.coarse_to_fine_many(models, c, layout, seeds)  # warm-up of this batch shape
+            label = "batched passes" if mode == "all" else "sequential passes"
+            rows[f"batch 4: coarse-to-fine, {n} subjects, {label}"] = timed(
+                lambda: hp.coarse_to_fine_many(models, c, layout, seeds), 2)[::2]
+
+
 def profile_pass(run_pass, run_plain) -> dict:
     """torch.profiler over one fused subject pass and one plain inpaint of the same size: the pass's labelled stages
     (CPU and GPU milliseconds) and the ops with the most CPU time of their own."""
@@ -213,30 +244,37 @@ def profile_pass(run_pass, run_plain) -> dict:
 
 
 def bench_compile(models, config, rows: dict, info: dict, mode: str) -> None:
-    """Compile the UNet in place and time Phase 0 + passes; ratios stay to the uncompiled plain t2i of this run.
-    Recompilations are counted with dynamo's own counter and their reasons logged."""
+    """Compile the UNet in place and time Phase 0 + batched passes; ratios stay to the uncompiled plain t2i of this
+    run. Warm-up: one run with 2 and one with 4 subjects (each batch shape compiles once); the timed runs then use
+    other subjects (toy and dog first), and dynamo's own counters say whether anything compiled again."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._logging.set_logs(recompiles=True)
-    compiled = config.replace(subjects=config.subjects[:2], compile_unet=True)
-    layout = default_layout(compiled.subject_names, config.resolution, config.resolution)
+    size = config.resolution
+    two, four = (config.replace(subjects=config.subjects[:n], compile_unet=True) for n in (2, 4))
+    other_two = config.replace(subjects=config.subjects[2:4], compile_unet=True)
+    layouts = {id(c): default_layout(c.subject_names, size, size) for c in (two, four, other_two)}
+    run = lambda c: hp.coarse_to_fine(models, c, layouts[id(c)])  # noqa: E731
     models.unet.to(memory_format=torch.channels_last)
     models.unet.compile(mode=mode)
     start = time.perf_counter()
-    hp.coarse_to_fine(models, compiled, layout)  # warm-up: compiles
+    run(two)  # warm-up: compiles
+    run(four)
     torch.cuda.synchronize()
     info[f"compile[{mode}]_warmup_s"] = round(time.perf_counter() - start, 1)
     frames = torch._dynamo.utils.counters["frames"]
     graphs_after_warmup = frames.get("ok", 0)
-    rows[f"compiled ({mode}): coarse-to-fine, 2 subjects"] = timed(
-        lambda: hp.coarse_to_fine(models, compiled, layout), 3)[::2]
-    four = config.replace(subjects=config.subjects[:4], compile_unet=True)
-    rows[f"compiled ({mode}): coarse-to-fine, 4 subjects"] = timed(lambda: hp.coarse_to_fine(
-        models, four, default_layout(four.subject_names, config.resolution, config.resolution)), 2)[::2]
+    recompiles_before = sum(torch._dynamo.utils.counters["recompiles"].values())
+    rows[f"compiled ({mode}): coarse-to-fine, 2 subjects (toy, dog), batched passes"] = timed(
+        lambda: run(other_two), 3)[::2]
+    rows[f"compiled ({mode}): coarse-to-fine, 2 subjects (cat, mug), batched passes"] = timed(lambda: run(two), 3)[::2]
+    rows[f"compiled ({mode}): coarse-to-fine, 4 subjects, batched passes"] = timed(lambda: run(four), 2)[::2]
     info[f"compile[{mode}]_frames_compiled_in_warmup"] = graphs_after_warmup
     info[f"compile[{mode}]_frames_compiled_after_warmup"] = frames.get("ok", 0) - graphs_after_warmup
-    info[f"compile[{mode}]_recompiles_after_warmup"] = dict(torch._dynamo.utils.counters["recompiles"])
+    info[f"compile[{mode}]_recompiles_after_warmup"] = (sum(torch._dynamo.utils.counters["recompiles"].values())
+                                                       - recompiles_before)
+    info[f"compile[{mode}]_recompile_reasons"] = dict(torch._dynamo.utils.counters["recompiles"])
 
 
 def bench_training(models, config, rows: dict, steps: int) -> str:
@@ -273,7 +311,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma separated")
-    parser.add_argument("--skip", default="", help="comma list of: generation,batched,training,compile")
+    parser.add_argument("--skip", default="", help="comma list of: generation,batched,batch4,training,compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -315,6 +353,8 @@ def main() -> int:
         assert seen_inputs == {("torch.float16", "torch.float16")}, f"UNet inputs seen: {seen_inputs}"
     if "batched" not in skip:
         bench_batched(models, config, rows)
+    if "batch4" not in skip:
+        bench_batch4(models, config, rows, t2i, plain_pipelines(models)[1])
     if "training" not in skip:
         info["checkpointing_auto_choice"] = bench_training(models, config, rows, args.train_steps)
     for mode in args.compile_modes.split(","):
@@ -330,6 +370,8 @@ def main() -> int:
         if name.startswith(("one subject pass", "one QA")):
             at_full = f"at {config.resolution}²" in name
             reference, to = (full_inpaint, "plain inpaint (full)") if at_full else (same_size, "plain inpaint (same)")
+        elif name.startswith("batch 4:"):
+            reference, to = rows["batch 4: plain t2i"][0], "plain t2i, batch 4"
         else:
             reference, to = base, "plain t2i"
         table.append({"row": name, "seconds": round(seconds, 3), "peak_gib": round(peak, 2),
@@ -338,9 +380,9 @@ def main() -> int:
     args.out.write_text(json.dumps({**info, "rows": table}, indent=2))
     print(json.dumps(info, indent=1))
     print(f"\n{gpu}, full-size SDXL twin, fp16, 1024², 30 steps")
-    print(f"{'row':<48} {'seconds':>8} {'ratio':>7}  {'to':<20} {'peak GiB':>8}")
+    print(f"{'row':<66} {'seconds':>8} {'ratio':>7}  {'to':<20} {'peak GiB':>8}")
     for r in table:
-        print(f"{r['row']:<48} {r['seconds']:>8.3f} {r['ratio']:>6.2f}x  {r['ratio_to']:<20} {r['peak_gib']:>8.2f}")
+        print(f"{r['row']:<66} {r['seconds']:>8.3f} {r['ratio']:>6.2f}x  {r['ratio_to']:<20} {r['peak_gib']:>8.2f}")
     return 0
 
 

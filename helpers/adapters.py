@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from types import MethodType
 from pathlib import Path
 from typing import Iterator
 
@@ -240,13 +241,16 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
         raise ValueError("batched subject passes need plain linear LoRAs (no DoRA, no LoRA bias); set "
                          "batch_subject_passes='off'")
     with torch.no_grad():
-        for layer in layers:  # the layer's own forward, for the block: base output + each sample's delta
-            layer.forward = _per_sample_forward(layer.get_base_layer(), *_per_sample_weights(layer, names))
+        for layer in layers:  # the layer's own forward, for the block: base output + each sample's own delta
+            layer._sample_a, layer._sample_b = _per_sample_weights(layer, names)
+            layer.forward = layer.__dict__.get("_per_sample_forward") or MethodType(_per_sample_forward, layer)
+            layer._per_sample_forward = layer.forward  # one function object per layer: a compiled UNet keeps its graph
     try:
         yield
     finally:
         for layer in layers:
             del layer.forward  # the class's (peft's) forward again
+            layer._sample_a = layer._sample_b = None
 
 
 def batchable(models: ModelBundle, names: list[str | None]) -> bool:
@@ -256,8 +260,9 @@ def batchable(models: ModelBundle, names: list[str | None]) -> bool:
 
 
 def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(samples, in, rank) and (samples, rank, out) with sample i's A and B * scaling (zeros for the base model or
-    an adapter this layer lacks); None when no sample has a delta here."""
+    """(2 x samples, in, rank) and (2 x samples, rank, out): sample i's A and B * scaling (zeros for the base model
+    or an adapter this layer lacks), repeated once for classifier-free guidance's [negative..., positive...] batch
+    (its first half is the batch without guidance); None when no sample has a delta here."""
     held = [n for n in names if n is not None and n in layer.lora_A]
     if not held:
         return None, None
@@ -270,35 +275,39 @@ def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | 
             a, b = layer.lora_A[n].weight, layer.lora_B[n].weight  # (rank, in), (out, rank)
             a_sel[i, :, :a.shape[0]] = a.T.to(weight.dtype)
             b_sel[i, :b.shape[1], :] = (b.T * layer.scaling[n]).to(weight.dtype)
-    return a_sel, b_sel
+    return a_sel.repeat(2, 1, 1), b_sel.repeat(2, 1, 1)
 
 
-def _per_sample_forward(base_layer: torch.nn.Module, a_sel: torch.Tensor | None, b_sel: torch.Tensor | None):
-    by_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the weights repeated for CFG, made once
+def _per_sample_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA layer's forward inside ``per_sample_adapters``: base output + sample i's delta (two batched matmuls).
+    The weights are tensors on the layer, not captured in a closure, so a compiled UNet guards on their shapes only
+    and a new set of subjects reuses its graph."""
+    out = layer.get_base_layer()(x, *args, **kwargs)
+    a, b = layer._sample_a, layer._sample_b
+    if a is None:
+        return out
+    if x.shape[0] != a.shape[0]:  # not a guidance batch: the first half is the samples once, repeated as needed
+        samples = a.shape[0] // 2
+        times = x.shape[0] // samples
+        a, b = a[:samples].repeat(times, 1, 1), b[:samples].repeat(times, 1, 1)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+    return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
 
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = base_layer(x, *args, **kwargs)
-        if a_sel is None:
-            return out
-        if x.shape[0] not in by_batch:
-            times = x.shape[0] // len(a_sel)
-            by_batch[x.shape[0]] = (a_sel.repeat(times, 1, 1), b_sel.repeat(times, 1, 1))
-        a, b = by_batch[x.shape[0]]
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
-    return forward
 
-
-def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int, adapter: str | None = None,
-             size: int | None = None) -> Image.Image:
+def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int | list[int],
+             adapter: str | None = None, size: int | None = None) -> Image.Image | list[Image.Image]:
     """Text to image with exactly ``adapter`` active (None: the base model), decoded through the NaN guard.
 
-    ``size`` defaults to the config's resolution; steps, guidance and the negative prompt come from the config.
+    ``size`` defaults to the config's resolution; steps, guidance and the negative prompt come from the config. A list
+    of seeds is one batched call (sample ``i`` draws its noise from its own seed, as a call with that seed alone
+    would) and returns a list, decoded one picture at a time (a batch of full-size decodes is the memory peak).
     """
     size = size or config.resolution
+    seeds = seed if isinstance(seed, list) else [seed]
     with only_adapter(models, adapter), torch.no_grad():
         latents = models.txt2img(
-            prompt=prompt, negative_prompt=config.negative_prompt, height=size, width=size,
-            num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-            generator=models.generator(seed), output_type="latent").images
-    return models.decode(latents)[0]
+            prompt=[prompt] * len(seeds), negative_prompt=[config.negative_prompt] * len(seeds), height=size,
+            width=size, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            generator=[models.generator(s) for s in seeds], output_type="latent").images
+    pictures = [models.decode(latents[i:i + 1])[0] for i in range(len(seeds))]
+    return pictures if isinstance(seed, list) else pictures[0]

@@ -281,18 +281,20 @@ def pass_batches(jobs: list[PassJob], masks_: MaskSet, config: ProjectConfig) ->
     return batches
 
 
-def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image], masks_: MaskSet,
                  jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
     """Several subject passes as one batched inpaint call at one pass size, sample ``i`` with only job ``i``'s LoRA
-    (``adapters.per_sample_adapters``: each sample's own LoRA delta, no adapter switch per sample). Each result is
-    ``image`` with only that job's region repainted."""
+    (``adapters.per_sample_adapters``: each sample's own LoRA delta, no adapter switch per sample). ``image``: the
+    picture every job paints on, or one per job (passes of several composites). Each result is its job's picture
+    with only that job's region repainted."""
     from torch.profiler import record_function
 
     start = time.perf_counter()
+    images = image if isinstance(image, list) else [image] * len(jobs)
     boxes = [masks_.crop_box(j.subject.name, config.region_margin) for j in jobs]
     size = max(pass_size(models, config, box[2] - box[0]) for box in boxes)
     with record_function("pass/crop"):
-        inputs = [_pass_inputs(image, masks_, j.subject.name, box, size) for j, box in zip(jobs, boxes)]
+        inputs = [_pass_inputs(im, masks_, j.subject.name, box, size) for im, j, box in zip(images, jobs, boxes)]
     names = [j.subject.name for j in jobs] if adapter_names(models) else [None] * len(jobs)
     with per_sample_adapters(models, names), torch.no_grad():
         with record_function("pass/prompt"):
@@ -310,9 +312,9 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image,
         painted = [models.decode(latents[i:i + 1])[0] for i in range(len(latents))]
     seconds = (time.perf_counter() - start) / len(jobs)
     with record_function("pass/paste"):
-        return [(_paste_pass(image, p, masks_, j.subject.name, box),
+        return [(_paste_pass(im, p, masks_, j.subject.name, box),
                  SubjectPass(j.subject.name, j.seed, j.strength, box, [n] if n else [], seconds, j.prompt))
-                for j, box, p, n in zip(jobs, boxes, painted, names)]
+                for im, j, box, p, n in zip(images, jobs, boxes, painted, names)]
 
 
 def _run_batch(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
@@ -330,13 +332,32 @@ def region_passes(models: ModelBundle, config: ProjectConfig, image: Image.Image
                   jobs: list[PassJob]) -> tuple[list[Image.Image], list[SubjectPass]]:
     """Every job's pass, in order, each batch (``pass_batches``) as one call; a later batch paints on the picture
     the earlier ones left. Returns the picture after each job (its stage) and what each pass did."""
-    stages, infos = [], []
-    for batch in _batches(models, config, jobs, masks_):
-        for job, (painted, info) in zip(batch, _run_batch(models, config, image, masks_, batch)):
-            image = _copy_region(image, painted, masks_, job.subject.name, config.region_margin)
-            stages.append(image)
-            infos.append(info)
-    return stages, infos
+    return region_passes_of_composites(models, config, [image], masks_, [jobs])[0]
+
+
+def region_passes_of_composites(models: ModelBundle, config: ProjectConfig, images: list[Image.Image],
+                                masks_: MaskSet, jobs: list[list[PassJob]]) \
+        -> list[tuple[list[Image.Image], list[SubjectPass]]]:
+    """``region_passes`` of several composites of one layout at once (``jobs[k]``: composite ``k``'s passes, the
+    same subjects and strengths in the same order, their own seeds): each batch of passes runs as one call for every
+    composite together, so N composites cost about as many calls as one. Per composite: its stages and passes."""
+    batches = _batches(models, config, jobs[0], masks_)
+    done = [([], []) for _ in images]
+    images = list(images)
+    start = 0
+    for batch in batches:
+        members = [(k, job) for k in range(len(images)) for job in jobs[k][start:start + len(batch)]]
+        call = [job for _, job in members]
+        if len(call) > 1 and batchable(models, [job.subject.name for job in call]):
+            painted = batched_pass(models, config, [images[k] for k, _ in members], masks_, call)
+        else:  # one pass, or LoRAs that cannot share a call: one after another
+            painted = [out for k, job in members for out in _run_batch(models, config, images[k], masks_, [job])]
+        for (k, job), (picture, info) in zip(members, painted):
+            images[k] = _copy_region(images[k], picture, masks_, job.subject.name, config.region_margin)
+            done[k][0].append(images[k])
+            done[k][1].append(info)
+        start += len(batch)
+    return done
 
 
 def pass_candidates(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
@@ -393,26 +414,39 @@ def coarse_to_fine(models: ModelBundle, config: ProjectConfig, layout: Layout, s
     """Phase 0 (the scene as written, no LoRA; with ``find_ghosts``, its objects of a subject's class outside every
     region painted over with the scene's setting) then Phase 1 (each subject inpainted with only its own LoRA and
     its words in the scene's setting), in layout order."""
+    seed = config.seed if seed is None else seed
+    return coarse_to_fine_many(models, config, layout, [seed], scene_prompt, find_ghosts)[0]
+
+
+def coarse_to_fine_many(models: ModelBundle, config: ProjectConfig, layout: Layout, seeds: list[int],
+                        scene_prompt: str | None = None, find_ghosts: GhostFinder | None = None) \
+        -> list[GenerationResult]:
+    """``coarse_to_fine`` for several seeds of one scene and layout, batched: Phase 0 draws every scene in one call
+    and each batch of subject passes runs once for all composites (each composite equals its seed's own run, within
+    the batch's floating-point noise). ``seconds`` of each result: its share of the batch's time."""
     scene_prompt = scene_prompt or config.scene_prompt
     prompts = config_scene_prompts(config, scene_prompt)  # a scene that does not name a subject stops here
-    seed = config.seed if seed is None else seed
     check_layout_matches(layout, config)
     masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
     start = time.perf_counter()
-    coarse = generate(models, config, prompts.phase0, seed, adapter=None)
-    scene, removed = coarse, []
-    if find_ghosts is not None and config.ghost_cleanup_rounds:
-        coarse, removed = remove_ghosts(models, config, scene, masks_, prompts, seed, find_ghosts)
-    result = GenerationResult(scene_prompt, seed, layout, masks_, coarse,
-                              seconds={"phase0": time.perf_counter() - start},
-                              scene=scene if removed else None, ghosts_removed=removed)
-    jobs = [PassJob(config.subject(region.subject), subject_seed(seed, index), config.inpaint_strength,
-                    prompts.passes[region.subject]) for index, region in enumerate(layout.regions)]
-    result.stages, result.passes = region_passes(models, config, coarse, masks_, jobs)
-    for info in result.passes:
-        result.seconds[f"phase1_{info.subject}"] = info.seconds
-    result.seconds["total"] = time.perf_counter() - start
-    return result
+    scenes = generate(models, config, prompts.phase0, list(seeds), adapter=None)
+    results = []
+    for seed, scene in zip(seeds, scenes):
+        coarse, removed = scene, []
+        if find_ghosts is not None and config.ghost_cleanup_rounds:
+            coarse, removed = remove_ghosts(models, config, scene, masks_, prompts, seed, find_ghosts)
+        results.append(GenerationResult(scene_prompt, seed, layout, masks_, coarse,
+                                        seconds={"phase0": (time.perf_counter() - start) / len(seeds)},
+                                        scene=scene if removed else None, ghosts_removed=removed))
+    jobs = [[PassJob(config.subject(region.subject), subject_seed(seed, index), config.inpaint_strength,
+                     prompts.passes[region.subject]) for index, region in enumerate(layout.regions)] for seed in seeds]
+    passes = region_passes_of_composites(models, config, [r.coarse for r in results], masks_, jobs)
+    for result, (stages, infos) in zip(results, passes):
+        result.stages, result.passes = stages, infos
+        for info in infos:
+            result.seconds[f"phase1_{info.subject}"] = info.seconds
+        result.seconds["total"] = (time.perf_counter() - start) / len(seeds)
+    return results
 
 
 def one_pass_baseline(models: ModelBundle, config: ProjectConfig, seed: int | None = None,

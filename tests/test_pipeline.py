@@ -249,6 +249,26 @@ def test_batched_passes_paint_what_sequential_passes_paint(tiny_models, tiny_con
     assert np.array_equal(np.asarray(batched.final)[outside], np.asarray(batched.coarse)[outside])
 
 
+def test_composites_of_several_seeds_in_one_batch_equal_each_seeds_own_run(tiny_models, tiny_config, trained,
+                                                                           corner_layout):
+    config = tiny_config.replace(batch_subject_passes="disjoint")
+    sizes = []
+    handle = tiny_models.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        many = hp.coarse_to_fine_many(tiny_models, config, corner_layout, [5, 6, 7])
+    finally:
+        handle.remove()
+    passes_steps = int(config.steps * config.inpaint_strength)
+    assert sizes == [6] * config.steps + [12] * passes_steps  # 3 scenes, then 3 composites x 2 subjects, per step
+    for seed, result in zip([5, 6, 7], many):
+        alone = hp.coarse_to_fine(tiny_models, config, corner_layout, seed=seed)
+        assert result.seed == seed and [p.seed for p in result.passes] == [p.seed for p in alone.passes]
+        assert [p.active_adapters for p in result.passes] == [["cat"], ["mug"]]
+        assert np.abs(np.asarray(result.coarse, np.int16) - np.asarray(alone.coarse, np.int16)).max() <= 2
+        assert np.abs(np.asarray(result.final, np.int16) - np.asarray(alone.final, np.int16)).max() <= 2
+    assert not np.array_equal(np.asarray(many[0].final), np.asarray(many[1].final))  # each its own seed
+
+
 def test_inside_a_batched_call_each_sample_gets_only_its_own_subjects_delta(tiny_models, tiny_config, trained,
                                                                            corner_layout):
     corner = corner_layout
