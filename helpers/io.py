@@ -110,6 +110,25 @@ def save_image_atomic(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``tensors`` as a safetensors file, written atomically, the same bytes for the same tensors and metadata:
+    safetensors writes its metadata map in an order that changes from process to process, so the header's metadata
+    is put in key order (a rerun after an interruption must give the file an uninterrupted run gives)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # the same entries reordered: as long as before, padded as safetensors pads
+            data = data[:8] + text + b" " * (length - len(text)) + data[8 + length:]
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_notebook_atomic(notebook, path: str | Path) -> Path:
     import nbformat
 

@@ -339,8 +339,10 @@ def train_share(config, state) -> None:
     from .profiles import ensure_tiny_pipeline
     from .training import run_training
 
-    if config.profile == "tiny":
-        with state.main_process_first():  # one process builds the shared model cache, the others then read it
+    with state.main_process_first():  # one process sweeps what a killed run left and builds the shared cache
+        if state.is_main_process and (removed := remove_leftover_temp_files(config.output_path)):
+            print(f"removed {removed} temp file(s) left by an interrupted run under {config.output_path}")
+        if config.profile == "tiny":
             ensure_tiny_pipeline(config.cache_path)
     mine = [s for i, s in enumerate(config.subjects) if i % state.num_processes == state.process_index]
     if mine:

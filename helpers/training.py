@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .adapters import LORA_WEIGHTS_FILE, LoraFileError, generate, load_lora_file
 from .config import ProjectConfig, Subject
 from .data import augment, load_subject_photos, subject_photo_paths
-from .io import atomic_path, save_image_atomic, set_aside, temp_folder, write_json_atomic
+from .io import save_image_atomic, save_safetensors_atomic, set_aside, temp_folder, write_json_atomic
 from .models import ModelBundle, library_versions, load_models, model_source
 
 META_FILE = "train_meta.json"
@@ -379,8 +379,7 @@ def save_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> None:
     metadata = {"step": str(trainer.step_count), "config_hash": config_hash,
                 "loss_history": json.dumps(trainer.loss_history), "param_groups": json.dumps(opt["param_groups"]),
                 "opt_scalars": json.dumps(scalars)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 def load_checkpoint(trainer: LoraTrainer, path: Path, config_hash: str) -> bool:
@@ -488,9 +487,7 @@ def export_kohya(diffusers_file: Path, target: Path, subject: Subject) -> Path:
     metadata = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_output_name": subject.name,
                 "modelspec.trigger_phrase": f"{subject.token} {subject.class_name}", "trigger_token": subject.token,
                 "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-    with atomic_path(target) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    return target
+    return save_safetensors_atomic({k: v.contiguous() for k, v in state.items()}, target, metadata)
 
 
 def use_lora_file(models: Callable[[], ModelBundle], config: ProjectConfig, subject: Subject) -> TrainReport:
