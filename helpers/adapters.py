@@ -282,7 +282,7 @@ def _per_sample_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     """A LoRA layer's forward inside ``per_sample_adapters``: base output + sample i's delta (two batched matmuls).
     The weights are tensors on the layer, not captured in a closure, so a compiled UNet guards on their shapes only
     and a new set of subjects reuses its graph."""
-    out = layer.base_layer(x, *args, **kwargs)
+    out = layer.get_base_layer()(x, *args, **kwargs)
     a, b = layer._sample_a, layer._sample_b
     if a is None:
         return out

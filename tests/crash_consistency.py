@@ -171,7 +171,8 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 
 def run_once(command: list[str], log, kill_after: float | None = None, timeout: float = 900) -> bool:
-    """Run ``command``; with ``kill_after``, SIGKILL its whole process group then. True when it was killed."""
+    """Run ``command``; with ``kill_after``, SIGKILL its whole process group then. True when it was killed; a run
+    that ends by itself must succeed."""
     process = _start(command, log)
     try:
         process.wait(timeout=kill_after if kill_after is not None else timeout)
@@ -180,7 +181,7 @@ def run_once(command: list[str], log, kill_after: float | None = None, timeout: 
         if kill_after is None:
             raise RuntimeError(f"{' '.join(command)} ran over {timeout} s") from None
         return True
-    if kill_after is None and process.returncode != 0:
+    if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}); see its log")
     return False
 
@@ -225,12 +226,15 @@ def run_killing_kernel(command: list[str], log, kill_after: float, timeout: floa
         raise RuntimeError(f"{' '.join(command)} did not end after its kernel was killed") from None
     if killed and process.returncode == 0:
         killed = False  # the cell had finished: the kill landed between cells or after the last one
+    if not killed and process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}) without a kill; see its log")
     return killed
 
 
 @dataclass
 class Trial:
     kills: list[float] = field(default_factory=list)  # seconds after start at which a run was killed
+    killed_in: list[str] = field(default_factory=list)  # what was running then (the command, or the notebook)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -250,15 +254,21 @@ def reference_run(target: str, folder: Path, log) -> dict[str, float]:
 
 
 def evaluate_trial(reference: Path, folder: Path, rng: random.Random, duration: float, kills: int, log) -> Trial:
-    """Kill the evaluation at a random moment, then its rerun, ``kills`` times; a last rerun must complete."""
+    """Kill the evaluation at a random moment, then its rerun, up to ``kills`` times (a run that ends before its kill
+    moment has completed); then a last rerun if the last run was killed."""
     trial, start = Trial(), time.monotonic()
     finished: dict[str, tuple[int, str]] = {}
+    completed = False
     for _ in range(kills):
         delay = rng.uniform(0.5, duration)
-        if run_once(evaluate_command(folder), log, kill_after=delay):
-            trial.kills.append(round(delay, 2))
+        if not run_once(evaluate_command(folder), log, kill_after=delay):
+            completed = True
+            break
+        trial.kills.append(round(delay, 2))
+        trial.killed_in.append("evaluate")
         finished.update(finished_loras(folder))
-    run_once(evaluate_command(folder), log)
+    if not completed:
+        run_once(evaluate_command(folder), log)
     trial.problems = _checks(reference, folder, finished)
     trial.seconds = time.monotonic() - start
     return trial
@@ -273,6 +283,7 @@ def notebooks_trial(reference: Path, folder: Path, rng: random.Random, durations
             delay = rng.uniform(0.5, max(1.0, durations[notebook] - 6.0))  # ~6 s of a run is papermill's own start
             if run_killing_kernel(notebook_command(folder, notebook), log, delay):
                 trial.kills.append(round(delay, 2))
+                trial.killed_in.append(notebook)
             finished.update(finished_loras(folder))
         run_once(notebook_command(folder, notebook), log)
     trial.problems = _checks(reference, folder, finished)
@@ -306,7 +317,8 @@ def crash_consistency(target: str, kills: int, seed: int, workdir: Path, kills_p
                 trial = notebooks_trial(reference, folder, rng, durations, log)
             trials.append(trial)
             verdict = "same results" if not trial.problems else "; ".join(trial.problems[:5])
-            print(f"trial {len(trials)}: killed at {trial.kills} s, {trial.seconds:.0f} s: {verdict}",
+            where = ", ".join(f"{w} at {k} s" for w, k in zip(trial.killed_in, trial.kills)) or "no kill landed"
+            print(f"trial {len(trials)}: killed {where}; {trial.seconds:.0f} s: {verdict}",
                   file=stream, flush=True)
             if not trial.problems:
                 shutil.rmtree(folder, ignore_errors=True)
