@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from helpers import training as ht
 from helpers.adapters import LORA_WEIGHTS_FILE, active_adapters, only_adapter
+from helpers.io import atomic_path
 from helpers.notebook import make_config
 from helpers.training import CHECKPOINT_FILE, META_FILE, run_training
 
@@ -93,20 +94,21 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_checkpoint_intact
     run_training(config, models=tiny_models, stop_after_steps=2, progress=False)
     checkpoint = config.lora_path(config.subjects[0]) / CHECKPOINT_FILE
     before = checkpoint.read_bytes()
-    real_save_file = ht.save_file
+    real_save = ht.save_safetensors_atomic
 
-    def dies_halfway(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:  # the write got this far when the process died
-            f.truncate(len(before) // 2)
-        raise KeyboardInterrupt
+    def dies_halfway(tensors, path, metadata=None):
+        with atomic_path(path) as partial:  # the project's write path, cut off inside it
+            real_save(tensors, partial, metadata)
+            with open(partial, "r+b") as f:  # the write got this far when the process died
+                f.truncate(len(before) // 2)
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(ht, "save_file", dies_halfway)
+    monkeypatch.setattr(ht, "save_safetensors_atomic", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         run_training(config, models=tiny_models, progress=False)
     assert checkpoint.read_bytes() == before  # the completed checkpoint of step 2 is still there, whole
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == [CHECKPOINT_FILE]  # and no half file beside it
-    monkeypatch.setattr(ht, "save_file", real_save_file)
+    monkeypatch.setattr(ht, "save_safetensors_atomic", real_save)
     report = run_training(config, models=tiny_models, progress=False)["cat"]
     assert report.status == "resumed" and report.steps_done == 6
 
