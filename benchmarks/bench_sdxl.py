@@ -86,12 +86,22 @@ def plain_pipelines(models):
     return t2i, inpaint
 
 
-def bench_generation(models, config, rows: dict, info: dict) -> None:
+def plain_inpaint_call(inpaint, config, side: int, images: int = 1):
+    """A plain diffusers inpaint of the middle of a grey ``side``² picture, ``images`` per call, ready to time."""
     from PIL import Image
 
+    image = Image.new("RGB", (side, side), (128, 128, 128))
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+    return lambda: inpaint("a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=side,
+                           width=side, num_inference_steps=config.steps, num_images_per_prompt=images,
+                           generator=torch.Generator().manual_seed(0), output_type="pil")
+
+
+def bench_generation(models, config, rows: dict, info: dict) -> None:
     from helpers import adapters as ha
 
-    size, steps = config.resolution, config.steps
+    size = config.resolution
     _, inpaint = plain_pipelines(models)
     layout = default_layout(config.subject_names[:2], size, size)
     two = config.replace(subjects=config.subjects[:2])
@@ -102,13 +112,7 @@ def bench_generation(models, config, rows: dict, info: dict) -> None:
     pass_side = hp.pass_size(models, two, box[2] - box[0])
     info["pass_size"] = {"crop_side": box[2] - box[0], "pass_side": pass_side}
 
-    def plain_inpaint(side: int):
-        image = Image.new("RGB", (side, side), (128, 128, 128))
-        mask = Image.new("L", (side, side), 0)
-        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-        return lambda: inpaint("a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=side,
-                               width=side, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                               output_type="pil")
+    plain_inpaint = lambda side: plain_inpaint_call(inpaint, config, side)  # noqa: E731
 
     models.txt2img.disable_lora()
     rows[f"plain inpaint {size}² (strength {config.inpaint_strength})"] = timed(plain_inpaint(size), 3)[::2]
@@ -173,41 +177,12 @@ def bench_ghosts_and_qa(models, two, layout, rows: dict, info: dict) -> None:
     info["qa_refinements_per_loop"] = sum(s["refinements"] for s in outcome.summary.values())
 
 
-def bench_batched(models, config, rows: dict) -> None:
+def bench_batched(models, config, rows: dict, seeds: list[int] | None = None, repeat: int = 3,
+                  prefix: str = "") -> None:
     """Coarse-to-fine with every subject pass of one strength in one batched call (``batch_subject_passes="all"``:
-    the default layouts' crops overlap, so "disjoint" runs them one after another) against sequential passes."""
-    size = config.resolution
-    for n in (2, 4):
-        cfg = config.replace(subjects=config.subjects[:n])
-        layout = default_layout(cfg.subject_names, size, size)
-        for mode in ("off", "all"):
-            c = cfg.replace(batch_subject_passes=mode)
-            hp.coarse_to_fine(models, c, layout)  # warm-up of this batch shape
-            label = "batched passes" if mode == "all" else "sequential passes"
-            rows[f"coarse-to-fine, {n} subjects, {label}"] = timed(lambda: hp.coarse_to_fine(models, c, layout),
-                                                                   3)[::2]
-
-
-def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
-    """The regime of a card that is busy with one image (an L4, an A100): four pictures per call. The plain
-    pipelines draw ``num_images_per_prompt=4``; ours makes four composites of one layout
-    (``pipeline.coarse_to_fine_many``: Phase 0 in one call, every batch of subject passes once for all four)."""
-    from PIL import Image
-
-    size, seeds = config.resolution, [0, 1, 2, 3]
-    models.txt2img.disable_lora()
-    plain = lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,  # noqa: E731
-                        num_images_per_prompt=4, generator=torch.Generator().manual_seed(0), output_type="pil")
-    plain()  # warm-up of the batch shape
-    rows["batch 4: plain t2i"] = timed(plain, 2)[::2]
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    rows[f"batch 4: plain inpaint {size}²"] = timed(lambda: inpaint(
-        "a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=size, width=size,
-        num_inference_steps=config.steps, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
-        output_type="pil"), 2)[::2]
-    models.txt2img.enable_lora()
+    the default layouts' crops overlap, so "disjoint" runs them one after another) against sequential passes; with
+    ``seeds``, that many composites at once (``pipeline.coarse_to_fine_many``)."""
+    size, seeds = config.resolution, seeds or [config.seed]
     for n in (2, 4):
         cfg = config.replace(subjects=config.subjects[:n])
         layout = default_layout(cfg.subject_names, size, size)
@@ -215,8 +190,23 @@ def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
             c = cfg.replace(batch_subject_passes=mode)
             hp.coarse_to_fine_many(models, c, layout, seeds)  # warm-up of this batch shape
             label = "batched passes" if mode == "all" else "sequential passes"
-            rows[f"batch 4: coarse-to-fine, {n} subjects, {label}"] = timed(
-                lambda: hp.coarse_to_fine_many(models, c, layout, seeds), 2)[::2]
+            rows[f"{prefix}coarse-to-fine, {n} subjects, {label}"] = timed(
+                lambda: hp.coarse_to_fine_many(models, c, layout, seeds), repeat)[::2]
+
+
+def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
+    """The regime of a card that is busy with one image (an L4, an A100): four pictures per call. The plain
+    pipelines draw ``num_images_per_prompt=4``; ours makes four composites of one layout
+    (``pipeline.coarse_to_fine_many``: Phase 0 in one call, every batch of subject passes once for all four)."""
+    size = config.resolution
+    models.txt2img.disable_lora()
+    plain = lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,  # noqa: E731
+                        num_images_per_prompt=4, generator=torch.Generator().manual_seed(0), output_type="pil")
+    plain()  # warm-up of the batch shape
+    rows["batch 4: plain t2i"] = timed(plain, 2)[::2]
+    rows[f"batch 4: plain inpaint {size}²"] = timed(plain_inpaint_call(inpaint, config, size, images=4), 2)[::2]
+    models.txt2img.enable_lora()
+    bench_batched(models, config, rows, seeds=[0, 1, 2, 3], repeat=2, prefix="batch 4: ")
 
 
 def profile_pass(run_pass, run_plain) -> dict:

@@ -243,8 +243,9 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
     with torch.no_grad():
         for layer in layers:  # the layer's own forward, for the block: base output + each sample's own delta
             layer._sample_a, layer._sample_b = _per_sample_weights(layer, names)
-            layer.forward = layer.__dict__.get("_per_sample_forward") or MethodType(_per_sample_forward, layer)
-            layer._per_sample_forward = layer.forward  # one function object per layer: a compiled UNet keeps its graph
+            if "_per_sample_forward" not in vars(layer):  # made once: a compiled UNet keeps its graph
+                layer._per_sample_forward = MethodType(_per_sample_forward, layer)
+            layer.forward = layer._per_sample_forward
     try:
         yield
     finally:

@@ -317,15 +317,16 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image 
                 for im, j, box, p, n in zip(images, jobs, boxes, painted, names)]
 
 
-def _run_batch(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+def _run_batch(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image], masks_: MaskSet,
                batch: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
-    """One batch of ``_batches``: a lone job is a plain (fused) pass, more share one batched call; each result is
-    ``image`` with only its job's region repainted."""
-    if len(batch) > 1:
-        return batched_pass(models, config, image, masks_, batch)
-    job = batch[0]
-    return [region_pass(models, config, image, masks_, job.subject, job.seed, job.strength, job.prompt,
-                        job.emphasis_weight)]
+    """One batch of ``_batches``: more jobs than one share one batched call when their LoRAs can, otherwise (or a
+    lone job) plain (fused) passes one after another; ``image``: the picture every job paints on, or one per job.
+    Each result is its job's picture with only that job's region repainted."""
+    images = image if isinstance(image, list) else [image] * len(batch)
+    if len(batch) > 1 and batchable(models, [job.subject.name for job in batch]):
+        return batched_pass(models, config, images, masks_, batch)
+    return [region_pass(models, config, im, masks_, job.subject, job.seed, job.strength, job.prompt,
+                        job.emphasis_weight) for im, job in zip(images, batch)]
 
 
 def region_passes(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
@@ -347,11 +348,7 @@ def region_passes_of_composites(models: ModelBundle, config: ProjectConfig, imag
     start = 0
     for batch in batches:
         members = [(k, job) for k in range(len(images)) for job in jobs[k][start:start + len(batch)]]
-        call = [job for _, job in members]
-        if len(call) > 1 and batchable(models, [job.subject.name for job in call]):
-            painted = batched_pass(models, config, [images[k] for k, _ in members], masks_, call)
-        else:  # one pass, or LoRAs that cannot share a call: one after another
-            painted = [out for k, job in members for out in _run_batch(models, config, images[k], masks_, [job])]
+        painted = _run_batch(models, config, [images[k] for k, _ in members], masks_, [job for _, job in members])
         for (k, job), (picture, info) in zip(members, painted):
             images[k] = _copy_region(images[k], picture, masks_, job.subject.name, config.region_margin)
             done[k][0].append(images[k])
@@ -436,8 +433,9 @@ def coarse_to_fine_many(models: ModelBundle, config: ProjectConfig, layout: Layo
         if find_ghosts is not None and config.ghost_cleanup_rounds:
             coarse, removed = remove_ghosts(models, config, scene, masks_, prompts, seed, find_ghosts)
         results.append(GenerationResult(scene_prompt, seed, layout, masks_, coarse,
-                                        seconds={"phase0": (time.perf_counter() - start) / len(seeds)},
                                         scene=scene if removed else None, ghosts_removed=removed))
+    for result in results:
+        result.seconds["phase0"] = (time.perf_counter() - start) / len(seeds)
     jobs = [[PassJob(config.subject(region.subject), subject_seed(seed, index), config.inpaint_strength,
                      prompts.passes[region.subject]) for index, region in enumerate(layout.regions)] for seed in seeds]
     passes = region_passes_of_composites(models, config, [r.coarse for r in results], masks_, jobs)

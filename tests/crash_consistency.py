@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from helpers.io import TEMP_MARK  # noqa: E402  (every temp file and folder is named .<name>.tmp<pid>[<suffix>])
+
 # Values that say how long a step took or how the run went (a resumed training), not what it made.
 TIMING_KEYS = frozenset({"seconds", "resumed"})
-TEMP_MARK = ".tmp"  # helpers.io.TEMP_MARK: every temp file and folder is named .<name>.tmp<pid>[<suffix>]
 NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
 KERNEL_KILLED = ("01", "03", "05")
 # The executed copies of the notebooks carry cell timings and execution metadata by design; results are compared.
