@@ -143,7 +143,7 @@ class ProjectConfig:
     # torch.compile the UNet once (minutes of warm-up, then faster passes; fused weights change values, not graphs)
     compile_unet: bool = setting(False, "generation")
     # training
-    train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=300)
+    train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=1000)
     train_resolution: int = setting(64, "training", hashed=True, low=8, multiple_of=8, tiny=64, sdxl=1024,
                                     world=128)
     train_batch_size: int = setting(2, "training", hashed=True, low=1, tiny=2, sdxl=1, world=4)
@@ -163,6 +163,8 @@ class ProjectConfig:
     qa_calibration_fraction: float = setting(0.8, "qa", above=0.0, high=1.0)
     max_retries: int = setting(2, "qa", low=0)
     refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
+    # a region whose inner edge no longer shows the scene around it (a split world) fails QA and is painted again
+    qa_setting_rule: bool = setting(True, "qa")
     prompt_boost: float = setting(1.3, "qa", above=0.0)
     # evaluation
     eval_seeds: int = setting(2, "evaluation", low=1, tiny=2, sdxl=4, world=8)

@@ -4,9 +4,11 @@ Scores come from a ``scoring.Scorer`` on each subject's own pixels (``measures.o
 neighbours'): identity = against that subject's reference photos (CLIP-I), prompt adherence = against "a photo of a
 {class}" (CLIP-T), a leakage row = against every subject's references, and the class the scorer names the object
 located there. A subject fails by the first rule it breaks: its class is not what the region shows, its identity is
-below its threshold, or another subject's photos match it better (leak); the log names the rule. Refinement reuses
-the subject pass (``pipeline.pass_candidates``: every failing subject of a round in one batched call where crops allow)
-with the subject's prompt in the scene's setting, its token and class word weighted up. No plots.
+below its threshold, another subject's photos match it better (leak), or the region's inner edge no longer shows the
+scene around it (setting: another setting or the subject painted edge to edge, ``measures.scene_background_share``;
+``qa_setting_rule``); the log names the rule. Refinement reuses the subject pass (``pipeline.pass_candidates``: every
+failing subject of a round in one batched call where crops allow) with the subject's prompt in the scene's setting,
+its token and class word weighted up (a setting failure gets the first pass's plain prompt again). No plots.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from PIL import Image
 
 from .config import ProjectConfig, Subject
 from .io import save_image_atomic, write_json_atomic
-from .measures import own_crop
+from .measures import SPLIT_WORLD_MIN_SHARE, own_crop, scene_background_share
 from .models import ModelBundle
 from .pipeline import GenerationResult, PassJob, pass_candidates, subject_seed, with_regions_from
 from .prompts import config_scene_prompts
@@ -63,6 +65,8 @@ class SubjectScore:
     threshold: float
     class_name: str = ""  # the subject's class
     named_as: str | None = None  # what the scorer named the object in the region (None: nothing found)
+    # share of the region's inner edge showing the scene's background; nan: not judged (rule off, or no band)
+    background_share: float = float("nan")
 
     @property
     def leaked_to(self) -> str | None:
@@ -76,14 +80,21 @@ class SubjectScore:
         return self.named_as == self.class_name
 
     @property
+    def setting_broken(self) -> bool:
+        """The region's inner edge hardly shows the scene around it (a split world)."""
+        return bool(self.background_share < SPLIT_WORLD_MIN_SHARE)  # nan compares False: not judged
+
+    @property
     def rule(self) -> str | None:
-        """The first rule the region breaks (class, identity, leak), or None when it passes."""
+        """The first rule the region breaks (class, identity, leak, setting), or None when it passes."""
         if not self.class_present:
             return "class"
         if self.identity < self.threshold:
             return "identity"
         if self.leaked_to:
             return "leak"
+        if self.setting_broken:
+            return "setting"
         return None
 
     @property
@@ -91,8 +102,8 @@ class SubjectScore:
         return self.rule is None
 
     def rank(self) -> tuple:
-        """Candidates compare by: passes, shows its class, identity."""
-        return self.passed, self.class_present, self.identity
+        """Candidates compare by: passes, shows its class, keeps the scene's setting, identity."""
+        return self.passed, self.class_present, not self.setting_broken, self.identity
 
     def reason(self) -> str:
         if self.rule == "class":
@@ -102,16 +113,20 @@ class SubjectScore:
             return f"identity: {self.identity:.3f} < threshold {self.threshold:.3f}"
         if self.rule == "leak":
             return f"leak: the region looks more like {self.leaked_to!r} ({self.leakage[self.leaked_to]:.3f})"
+        if self.rule == "setting":
+            return (f"setting: {self.background_share:.0%} of the region's inner edge shows the scene around it "
+                    f"(< {SPLIT_WORLD_MIN_SHARE:.0%})")
         return "passed"
 
 
 def score_subject(scorer: Scorer, image: Image.Image, result: GenerationResult, subject: Subject,
-                  threshold: float, classes: list[str]) -> SubjectScore:
+                  threshold: float, classes: list[str], setting_rule: bool = True) -> SubjectScore:
     """Scores of the subject's own pixels (its support minus its neighbours'; ``measures.own_crop``)."""
     crop = own_crop(image, result.masks, subject.name)
     row = scorer.leakage_row(crop, subject.name)
+    share = scene_background_share(image, result.masks, subject.name) if setting_rule else float("nan")
     return SubjectScore(row[subject.name], scorer.prompt_score(crop, subject.class_prompt), row, threshold,
-                        subject.class_name, scorer.name_class(crop, classes))
+                        subject.class_name, scorer.name_class(crop, classes), share)
 
 
 @dataclass
@@ -154,7 +169,8 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     first, best, attempts = {}, {}, {s.name: 0 for s in subjects}
     for subject in subjects:
         t0 = time.perf_counter()
-        score = score_subject(scorer, image, result, subject, thresholds[subject.name], classes)
+        score = score_subject(scorer, image, result, subject, thresholds[subject.name], classes,
+                              config.qa_setting_rule)
         first[subject.name] = best[subject.name] = (score, image, 0)
         outcome.log.append(_log_entry(subject, 0, None, score, "pass" if score.passed else "refine",
                                       time.perf_counter() - t0))
@@ -163,18 +179,16 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
         if not failing:
             break
         t0 = time.perf_counter()
-        # a region without its subject is painted anew at the first pass's strength; one that shows it is adjusted
-        # at the lower refine strength, which keeps what is there
-        jobs = [PassJob(s, subject_seed(result.seed, index, attempt),
-                        config.inpaint_strength if best[s.name][0].rule == "class" else config.refine_strength,
-                        prompts.qa(s.name), config.prompt_boost) for index, s in failing]
+        jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0].rule)
+                for index, s in failing]
         candidates = pass_candidates(models, config, _with_best(result, config, best), result.masks, jobs)
         seconds = (time.perf_counter() - t0) / len(jobs)
         for job, (candidate, _) in zip(jobs, candidates):
             t1 = time.perf_counter()
             subject = job.subject
             attempts[subject.name] = attempt
-            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name], classes)
+            cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name], classes,
+                                       config.qa_setting_rule)
             if cand_score.rank() > best[subject.name][0].rank():
                 best[subject.name] = (cand_score, candidate, attempt)
             decision = ("pass" if cand_score.passed else "retry" if attempt < config.max_retries else "give up")
@@ -191,6 +205,17 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     outcome.final = _with_best(result, config, best)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def refinement_job(config: ProjectConfig, prompts, subject: Subject, seed: int, rule: str) -> PassJob:
+    """How a failing subject is painted again. A region without its subject is painted anew at the first pass's
+    strength; one that shows it is adjusted at the lower refine strength, which keeps what is there, with its token
+    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt: the weighted-up
+    subject is what spreads to the region's edges."""
+    if rule == "setting":
+        return PassJob(subject, seed, config.inpaint_strength, prompts.passes[subject.name])
+    strength = config.inpaint_strength if rule == "class" else config.refine_strength
+    return PassJob(subject, seed, strength, prompts.qa(subject.name), config.prompt_boost)
 
 
 def _with_best(result: GenerationResult, config: ProjectConfig, best: dict[str, tuple]) -> Image.Image:
@@ -214,7 +239,8 @@ def loop_invariants(outcome: QAOutcome, config: ProjectConfig) -> dict[str, bool
     facts["never more than max_retries refinements"] = all(
         len(entries) - 1 <= config.max_retries for entries in by_subject.values())
     facts["the kept attempt is the best logged"] = all(
-        max(entries, key=lambda e: (e["passed"], e["class_present"], e["identity"]))["attempt"]
+        max(entries, key=lambda e: (e["passed"], e["class_present"], not e.get("setting_broken", False),
+                                    e["identity"]))["attempt"]
         == outcome.summary[name]["kept_attempt"]
         for name, entries in by_subject.items())
     facts["every decision has a reason"] = all(entry["reason"] for entry in outcome.log)
@@ -226,7 +252,9 @@ def _log_entry(subject: Subject, attempt: int, seed: int | None, score: SubjectS
     return {"subject": subject.name, "attempt": attempt, "seed": seed, "identity": round(score.identity, 6),
             "prompt_score": round(score.prompt, 6), "leakage": {k: round(v, 6) for k, v in score.leakage.items()},
             "threshold": round(score.threshold, 6), "class_present": score.class_present, "named_as": score.named_as,
-            "rule": score.rule, "passed": score.passed, "reason": score.reason(),
+            "background_share": round(score.background_share, 4) if np.isfinite(score.background_share) else None,
+            "setting_broken": score.setting_broken, "rule": score.rule, "passed": score.passed,
+            "reason": score.reason(),
             "decision": decision, "seconds": round(seconds, 4)}
 
 
@@ -236,7 +264,8 @@ def score_table(scorer: Scorer, image: Image.Image, result: GenerationResult, co
     rows = []
     for region in result.layout.regions:
         subject = config.subject(region.subject)
-        s = score_subject(scorer, image, result, subject, thresholds[subject.name], config.presence_classes())
+        s = score_subject(scorer, image, result, subject, thresholds[subject.name], config.presence_classes(),
+                          config.qa_setting_rule)
         rows.append({"subject": subject.name, **{k: v for k, v in asdict(s).items() if k != "leakage"},
                      "class_present": s.class_present, "passed": s.passed, "reason": s.reason()})
     return rows

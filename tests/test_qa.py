@@ -68,7 +68,8 @@ def run_loop(tiny_models, tiny_config, base_result, monkeypatch):
     def run(script, max_retries=2, named=None, **config_changes):
         scorer = ScriptedScorer(script, named=named)
         config = tiny_config.replace(max_retries=max_retries, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
-                                     **{"batch_subject_passes": "off", **config_changes})  # the spy sees each pass
+                                     **{"batch_subject_passes": "off", "qa_setting_rule": False,
+                                        **config_changes})  # the spy sees each pass; the setting rule: scripted
         return qa.qa_loop(tiny_models, base_result, config, scorer), refinements
 
     return run
@@ -129,7 +130,8 @@ def test_leakage_fails_a_subject_even_above_threshold(tiny_models, tiny_config, 
             return {"cat": 0.8, "mug": 0.95}  # every region looks more like the mug
 
     scorer = Leaky({"cat": [0.8], "mug": [0.95]})
-    config = tiny_config.replace(max_retries=1, qa_threshold_mode="fixed", qa_pass_threshold=0.5)
+    config = tiny_config.replace(max_retries=1, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
+                                 qa_setting_rule=False)
     outcome = qa.qa_loop(tiny_models, base_result, config, scorer)
     cat_log = [e for e in outcome.log if e["subject"] == "cat"]
     assert cat_log[0]["decision"] == "refine" and "looks more like 'mug'" in cat_log[0]["reason"]
@@ -238,10 +240,57 @@ def test_a_round_refines_every_failing_subject_in_one_batched_call(tiny_models, 
     result = hp.coarse_to_fine(tiny_models, tiny_config, corner_layout, seed=5)
     calls, original = [], hp.batched_pass
     monkeypatch.setattr(hp, "batched_pass", lambda *a: calls.append([j.subject.name for j in a[-1]]) or original(*a))
-    config = tiny_config.replace(max_retries=2, qa_threshold_mode="fixed", qa_pass_threshold=0.5)
+    config = tiny_config.replace(max_retries=2, qa_threshold_mode="fixed", qa_pass_threshold=0.5,
+                                 qa_setting_rule=False)
     outcome = qa.qa_loop(tiny_models, result, config, ScriptedScorer({"cat": [0.1, 0.2, 0.3], "mug": [0.1, 0.9]}))
     assert calls == [["cat", "mug"]]  # round 2: the mug passed; the cat alone is a plain (fused) pass
     assert [(e["subject"], e["attempt"]) for e in outcome.log] == [("cat", 0), ("mug", 0), ("cat", 1), ("mug", 1),
                                                                    ("cat", 2)]
     assert outcome.summary["mug"]["kept_attempt"] == 1 and outcome.summary["cat"]["kept_attempt"] == 2
     assert all(qa.loop_invariants(outcome, config).values())
+
+
+@pytest.fixture
+def scripted_setting(monkeypatch):
+    """The share of each region's inner edge that shows the scene, call by call per subject (last one repeats)."""
+    def script(shares: dict[str, list[float]]):
+        calls = {k: 0 for k in shares}
+
+        def share(image, masks_, subject):
+            values = shares.get(subject, [1.0])
+            calls.setdefault(subject, 0)
+            value = values[min(calls[subject], len(values) - 1)]
+            calls[subject] += 1
+            return value
+
+        monkeypatch.setattr(qa, "scene_background_share", share)
+    return script
+
+
+def test_a_region_whose_edge_lost_the_scene_is_repainted_with_the_plain_pass_prompt(run_loop, scripted_setting,
+                                                                                   tiny_config):
+    scripted_setting({"cat": [0.05, 0.1, 0.6], "mug": [0.6]})
+    outcome, refinements = run_loop({"cat": [0.9], "mug": [0.9]}, qa_setting_rule=True)
+    cat_log = [e for e in outcome.log if e["subject"] == "cat"]
+    assert [e["rule"] for e in cat_log] == ["setting", "setting", None]
+    assert cat_log[0]["reason"].startswith("setting: 5% of the region's inner edge shows the scene")
+    assert cat_log[0]["setting_broken"] and cat_log[0]["background_share"] == 0.05
+    # painted anew (first pass's strength) without the weighted-up subject words that spread it to the edges
+    assert refinements == [("cat", refinements[0][1], tiny_config.inpaint_strength, 1.0)] * 1 + \
+        [("cat", refinements[1][1], tiny_config.inpaint_strength, 1.0)]
+    assert outcome.summary["cat"]["kept_attempt"] == 2 and outcome.summary["mug"]["refinements"] == 0
+    assert all(qa.loop_invariants(outcome, tiny_config.replace(max_retries=2)).values())
+
+
+def test_a_candidate_that_keeps_the_setting_beats_a_higher_identity_that_breaks_it(run_loop, scripted_setting,
+                                                                                 tiny_config):
+    scripted_setting({"cat": [0.6, 0.05], "mug": [0.6]})
+    outcome, _ = run_loop({"cat": [0.3, 0.4], "mug": [0.9]}, max_retries=1, qa_setting_rule=True)
+    assert outcome.summary["cat"]["kept_attempt"] == 0  # attempt 1: higher identity, but the region lost the scene
+    assert all(qa.loop_invariants(outcome, tiny_config.replace(max_retries=1)).values())
+
+
+def test_the_setting_rule_can_be_switched_off(run_loop, scripted_setting):
+    scripted_setting({"cat": [0.05], "mug": [0.05]})
+    outcome, refinements = run_loop({"cat": [0.9], "mug": [0.9]})  # qa_setting_rule=False
+    assert not refinements and all(e["background_share"] is None for e in outcome.log)

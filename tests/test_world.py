@@ -36,7 +36,7 @@ def world_scorer(world_config):
 @pytest.fixture(scope="module")
 def world_cat(world_config, world_models):
     """The world's cat LoRA, trained once for the module (``run_training`` skips it when it is up to date)."""
-    config = world_config.replace(subjects=world_config.subjects[:1])
+    config = world_config.replace(subjects=world_config.subjects[:1], train_steps=300)  # the gate's recipe
     return config, run_training(config, models=world_models, progress=False)["cat"]
 
 
