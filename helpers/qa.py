@@ -25,7 +25,7 @@ from .io import save_image_atomic, write_json_atomic
 from .measures import SPLIT_WORLD_MIN_SHARE, own_crop, scene_background_share
 from .models import ModelBundle
 from .pipeline import GenerationResult, PassJob, pass_candidates, subject_seed, with_regions_from
-from .prompts import config_scene_prompts
+from .prompts import ScenePrompts, config_scene_prompts
 from .scoring import Scorer
 
 
@@ -207,11 +207,11 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     return outcome
 
 
-def refinement_job(config: ProjectConfig, prompts, subject: Subject, seed: int, rule: str) -> PassJob:
+def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subject, seed: int, rule: str) -> PassJob:
     """How a failing subject is painted again. A region without its subject is painted anew at the first pass's
     strength; one that shows it is adjusted at the lower refine strength, which keeps what is there, with its token
-    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt: the weighted-up
-    subject is what spreads to the region's edges."""
+    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt: the split worlds
+    measured before this rule were mostly refinements with the weighted-up words, the subject spread edge to edge."""
     if rule == "setting":
         return PassJob(subject, seed, config.inpaint_strength, prompts.passes[subject.name])
     strength = config.inpaint_strength if rule == "class" else config.refine_strength
