@@ -385,6 +385,42 @@ def qa_differences(rows: list[dict]) -> list[dict]:
             for entry in paired_differences(rows, reference, (method,))]
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """A report's ``metrics.csv`` back as rows: metric columns and the seed as numbers, the rest as text."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report" / "metrics.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.csv there; run `python -m helpers evaluate --out <folder>` first")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key in METRICS or key in ("seed", "scene_index", "outside_max_diff"):
+                row[key] = float(value) if value not in ("", None) else float("nan")
+    return rows
+
+
+def ablation_differences(base: list[dict], variants: dict[str, list[dict]],
+                         methods: tuple[str, ...] = ("ours", "ours+qa")) -> list[dict]:
+    """An ablation, paired: each method of each variant evaluation (the same command with one setting changed)
+    against the same method of ``base`` on the same (scene, seed). Raises ``ValueError`` when a variant was not made
+    on the base's (scene, seed) pairs."""
+    def pairs(rows: list[dict]) -> set[tuple]:
+        return {(r["scene_index"], r["seed"]) for r in rows if r["method"] in methods}
+
+    out = []
+    for label, rows in variants.items():
+        if pairs(rows) != pairs(base):
+            raise ValueError(f"variant {label!r}: made on other (scene, seed) pairs than the base "
+                             f"({len(pairs(rows))} vs {len(pairs(base))}); run it with the base's --scenes, --seeds "
+                             f"and eval_seed_start")
+        renamed = [{**r, "method": f"{r['method']} [{label}]"} for r in rows if r["method"] in methods]
+        mine = [r for r in base if r["method"] in methods] + renamed
+        out += [entry for m in methods for entry in paired_differences(mine, m, (f"{m} [{label}]",))]
+    return out
+
+
 def _fmt(mean: float, half: float, signed: bool = False) -> str:
     if not np.isfinite(mean):
         return "–"
@@ -458,4 +494,5 @@ def run_masks(config: ProjectConfig, layout: Layout) -> MaskSet:
 __all__ = ["METHODS", "METRICS", "Judges", "judge_picture", "outside_mask_max_diff", "leakage_matrix",
            "Run", "evaluate_run", "rerolls", "qa_differences", "run_evaluation", "load_runs",
            "Evaluation", "summarize", "paired_differences", "summary_table", "paired_table", "metric_definitions",
-           "write_csv", "markdown_table", "per_image", "mean_interval", "run_masks"]
+           "write_csv", "markdown_table", "per_image", "mean_interval", "run_masks", "read_metrics",
+           "ablation_differences"]

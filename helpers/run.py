@@ -290,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--preset", choices=sorted(PRESETS), default=None)
     train.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[])
+    compare = sub.add_parser("compare", help="an ablation: evaluations that differ in one setting, paired on the "
+                                             "same (scene, seed) against a base evaluation")
+    compare.add_argument("base", help="the base evaluation's folder (its --out)")
+    compare.add_argument("variants", nargs="+", metavar="LABEL=FOLDER",
+                         help="a variant's label and folder, e.g. 'no setting rule=output/ablation'")
     refresh = sub.add_parser("refresh-checked-outputs",
                              help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
     refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
@@ -314,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             train_share(make_config(args.profile, output_dir=args.out, **params), process_state(args.device))
             return 0
         return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
+    if args.command == "compare":
+        return compare_evaluations(args.base, args.variants)
     if args.command == "clean-notebooks":
         import nbformat
 
@@ -322,6 +329,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path in refresh_checked_outputs(args.notebooks, args.executed):
         print(f"refreshed {path}")
+    return 0
+
+
+def compare_evaluations(base: str, variants: list[str]) -> int:
+    """Print the paired ablation table (ours and ours+QA of each variant minus the base's)."""
+    from . import evaluation as he
+
+    try:
+        labelled = dict(v.split("=", 1) if "=" in v else (Path(v).name, v) for v in variants)
+        rows = he.ablation_differences(he.read_metrics(base), {k: he.read_metrics(v) for k, v in labelled.items()})
+    except (FileNotFoundError, ValueError) as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(he.paired_table(rows))
     return 0
 
 

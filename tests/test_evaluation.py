@@ -69,6 +69,25 @@ def test_paired_differences_pair_only_the_same_scene_and_seed():
     assert entry["identity_n"] == 1 and entry["identity_diff"] == pytest.approx(0.5)
 
 
+def test_an_ablation_pairs_each_method_with_itself_in_the_base_and_reads_metrics_csv_back(tmp_path):
+    from helpers.run import main
+
+    base = _rows({"ours": [0.3, 0.4, 0.5], "ours+qa": [0.4, 0.5, 0.6]})
+    variant = _rows({"ours": [0.3, 0.4, 0.5], "ours+qa": [0.3, 0.5, 0.4]})
+    for name, rows in (("base", base), ("variant", variant)):
+        he.write_csv(rows, tmp_path / name / "report" / "metrics.csv")
+    rows = he.ablation_differences(he.read_metrics(tmp_path / "base"), {"v": he.read_metrics(tmp_path / "variant")})
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["ours [v]"]["identity_diff"] == pytest.approx(0.0)
+    assert by_method["ours+qa [v]"]["identity_diff"] == pytest.approx(-0.1)
+    assert by_method["ours+qa [v]"]["identity_n"] == 3
+    assert main(["compare", str(tmp_path / "base"), f"v={tmp_path / 'variant'}"]) == 0
+    he.write_csv(_rows({"ours": [0.3], "ours+qa": [0.4]}), tmp_path / "short" / "report" / "metrics.csv")
+    with pytest.raises(ValueError, match="other \\(scene, seed\\) pairs"):
+        he.ablation_differences(base, {"short": he.read_metrics(tmp_path / "short")})
+    assert main(["compare", str(tmp_path / "base"), f"short={tmp_path / 'short'}"]) == 2
+
+
 def test_summary_means_over_pictures_and_tables():
     rows = _rows({"baseline": [0.2, 0.4], "ours": [0.5, 0.5]})
     summary = he.summarize(rows)
