@@ -181,7 +181,9 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
         t0 = time.perf_counter()
         jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0].rule)
                 for index, s in failing]
-        candidates = pass_candidates(models, config, _with_best(result, config, best), result.masks, jobs)
+        start_from = _with_phase0_where_setting_broke(result, config, _with_best(result, config, best),
+                                                      [s.name for _, s in failing if best[s.name][0].rule == "setting"])
+        candidates = pass_candidates(models, config, start_from, result.masks, jobs)
         seconds = (time.perf_counter() - t0) / len(jobs)
         for job, (candidate, _) in zip(jobs, candidates):
             t1 = time.perf_counter()
@@ -210,12 +212,30 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
 def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subject, seed: int, rule: str) -> PassJob:
     """How a failing subject is painted again. A region without its subject is painted anew at the first pass's
     strength; one that shows it is adjusted at the lower refine strength, which keeps what is there, with its token
-    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt: the split worlds
-    measured before this rule were mostly refinements with the weighted-up words, the subject spread edge to edge."""
+    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt, from Phase 0's
+    region (``_with_phase0_where_setting_broke``): the split worlds measured before this rule were mostly
+    refinements with the weighted-up words of a subject already spread edge to edge."""
     if rule == "setting":
         return PassJob(subject, seed, config.inpaint_strength, prompts.passes[subject.name])
     strength = config.inpaint_strength if rule == "class" else config.refine_strength
     return PassJob(subject, seed, strength, prompts.qa(subject.name), config.prompt_boost)
+
+
+def _with_phase0_where_setting_broke(result: GenerationResult, config: ProjectConfig, image: Image.Image,
+                                     names: list[str]) -> Image.Image:
+    """``image`` with the regions of ``names`` back to Phase 0's scene: a repaint that starts from a region painted
+    edge to edge keeps its shape, one that starts from the scene's own region does not. Pixels that another region's
+    (dilated) mask also touches stay as they are, so no neighbour is undone."""
+    if not names:
+        return image
+    pixels, coarse, m = np.array(image), np.asarray(result.coarse), result.masks
+    for name in names:
+        back = m.soft[name] > 0
+        for other, dilated in m.dilated.items():
+            if other != name:
+                back &= ~dilated
+        pixels[back] = coarse[back]
+    return Image.fromarray(pixels)
 
 
 def _with_best(result: GenerationResult, config: ProjectConfig, best: dict[str, tuple]) -> Image.Image:

@@ -294,3 +294,20 @@ def test_the_setting_rule_can_be_switched_off(run_loop, scripted_setting):
     scripted_setting({"cat": [0.05], "mug": [0.05]})
     outcome, refinements = run_loop({"cat": [0.9], "mug": [0.9]})  # qa_setting_rule=False
     assert not refinements and all(e["background_share"] is None for e in outcome.log)
+
+
+def test_a_broken_setting_is_repainted_from_phase0s_region_and_nothing_else_is(tiny_models, tiny_config, base_result,
+                                                                               scripted_setting, monkeypatch):
+    starts, original = [], qa.pass_candidates
+    monkeypatch.setattr(qa, "pass_candidates", lambda m, c, image, masks_, jobs: starts.append(image) or
+                        original(m, c, image, masks_, jobs))
+    scripted_setting({"cat": [0.05, 0.6], "mug": [0.6]})
+    config = tiny_config.replace(max_retries=1, qa_threshold_mode="fixed", qa_pass_threshold=0.5)
+    qa.qa_loop(tiny_models, base_result, config, ScriptedScorer({"cat": [0.9], "mug": [0.1, 0.9]}))
+    (start,) = starts
+    start, final, coarse = (np.asarray(p, np.int16) for p in (start, base_result.final, base_result.coarse))
+    masks_ = base_result.masks
+    cat, mug = masks_.support["cat"] & ~masks_.dilated["mug"], masks_.support["mug"]
+    assert np.array_equal(start[cat], coarse[cat]) and not np.array_equal(final[cat], coarse[cat])
+    assert np.array_equal(start[~masks_.dilated["cat"]], final[~masks_.dilated["cat"]])
+    assert np.array_equal(start[mug], final[mug])  # an identity failure starts from the picture as it is
