@@ -179,10 +179,10 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
         if not failing:
             break
         t0 = time.perf_counter()
-        jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0].rule)
+        jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0])
                 for index, s in failing]
         start_from = _with_phase0_where_setting_broke(result, config, _with_best(result, config, best),
-                                                      [s.name for _, s in failing if best[s.name][0].rule == "setting"])
+                                                      [s.name for _, s in failing if best[s.name][0].setting_broken])
         candidates = pass_candidates(models, config, start_from, result.masks, jobs)
         seconds = (time.perf_counter() - t0) / len(jobs)
         for job, (candidate, _) in zip(jobs, candidates):
@@ -209,15 +209,17 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
     return outcome
 
 
-def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subject, seed: int, rule: str) -> PassJob:
-    """How a failing subject is painted again. A region without its subject is painted anew at the first pass's
-    strength; one that shows it is adjusted at the lower refine strength, which keeps what is there, with its token
-    and class word weighted up. A broken setting is painted anew with the first pass's plain prompt, from Phase 0's
-    region (``_with_phase0_where_setting_broke``): the split worlds measured before this rule were mostly
-    refinements with the weighted-up words of a subject already spread edge to edge."""
-    if rule == "setting":
+def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subject, seed: int,
+                   score: SubjectScore) -> PassJob:
+    """How a failing subject is painted again. A region whose setting broke (whichever rule fired first) is painted
+    anew with the first pass's plain prompt, from Phase 0's region (``_with_phase0_where_setting_broke``): split
+    regions were mostly mugs painted edge to edge that also failed identity, and an adjustment of such a region, with
+    the subject's words weighted up, kept its shape. Otherwise a region without its subject is painted anew at the
+    first pass's strength, and one that shows it is adjusted at the lower refine strength, which keeps what is there;
+    both with the token and class word weighted up."""
+    if score.setting_broken:
         return PassJob(subject, seed, config.inpaint_strength, prompts.passes[subject.name])
-    strength = config.inpaint_strength if rule == "class" else config.refine_strength
+    strength = config.inpaint_strength if score.rule == "class" else config.refine_strength
     return PassJob(subject, seed, strength, prompts.qa(subject.name), config.prompt_boost)
 
 

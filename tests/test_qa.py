@@ -311,3 +311,11 @@ def test_a_broken_setting_is_repainted_from_phase0s_region_and_nothing_else_is(t
     assert np.array_equal(start[cat], coarse[cat]) and not np.array_equal(final[cat], coarse[cat])
     assert np.array_equal(start[~masks_.dilated["cat"]], final[~masks_.dilated["cat"]])
     assert np.array_equal(start[mug], final[mug])  # an identity failure starts from the picture as it is
+
+
+def test_a_split_region_that_also_fails_identity_is_repainted_from_phase0_not_adjusted(run_loop, scripted_setting,
+                                                                                     tiny_config):
+    scripted_setting({"cat": [0.05, 0.6], "mug": [0.6]})
+    outcome, refinements = run_loop({"cat": [0.1, 0.9], "mug": [0.9]}, max_retries=1, qa_setting_rule=True)
+    assert outcome.log[0]["rule"] == "identity" and outcome.log[0]["setting_broken"]
+    assert refinements == [("cat", refinements[0][1], tiny_config.inpaint_strength, 1.0)]  # not 0.65, not boosted
