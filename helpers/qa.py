@@ -8,7 +8,8 @@ below its threshold, another subject's photos match it better (leak), or the reg
 scene around it (setting: another setting or the subject painted edge to edge, ``measures.scene_background_share``;
 ``qa_setting_rule``); the log names the rule. Refinement reuses the subject pass (``pipeline.pass_candidates``: every
 failing subject of a round in one batched call where crops allow) with the subject's prompt in the scene's setting,
-its token and class word weighted up (a setting failure gets the first pass's plain prompt again). No plots.
+its token and class word weighted up; a region whose setting broke is repainted from Phase 0's region with the
+first pass's plain prompt, whichever rule fired first (``refinement_job``). No plots.
 """
 from __future__ import annotations
 
