@@ -209,6 +209,44 @@ def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
     bench_batched(models, config, rows, seeds=[0, 1, 2, 3], repeat=2, prefix="batch 4: ")
 
 
+def profile_batch4(models, config, info: dict, t2i) -> None:
+    """torch.profiler over one batch-4 coarse-to-fine with 2 subjects (passes batched) and one batch-4 plain t2i:
+    where the time beyond the plain picture goes (the labelled stages, the GPU kernels and CPU ops that cost most)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size, two = config.resolution, config.replace(subjects=config.subjects[:2], batch_subject_passes="all")
+    layout = default_layout(two.subject_names, size, size)
+    runs = {"coarse-to-fine": lambda: hp.coarse_to_fine_many(models, two, layout, [0, 1, 2, 3]),
+            "plain t2i": lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,
+                                     num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+                                     output_type="pil")}
+    out = {}
+    for name, fn in runs.items():
+        models.txt2img.disable_lora() if name == "plain t2i" else models.txt2img.enable_lora()
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        events = prof.key_averages()
+        gpu = lambda e: getattr(e, "self_device_time_total", 0) / 1e3  # noqa: E731
+        out[name] = {
+            "wall_s_profiled": round(wall, 3),
+            "stages_ms": {e.key: {"cpu": round(e.cpu_time_total / 1e3, 1),
+                                  "gpu": round((getattr(e, "device_time_total", None)
+                                                or getattr(e, "cuda_time_total", 0)) / 1e3, 1)}
+                          for e in events if e.key.startswith(("pass/", "phase0/"))},
+            "top_gpu_kernels_ms": {e.key[:90]: round(gpu(e), 1) for e in sorted(events, key=lambda e: -gpu(e))[:15]},
+            "top_self_cpu_ms": {e.key[:90]: round(e.self_cpu_time_total / 1e3, 1)
+                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]},
+            "total_gpu_kernel_ms": round(sum(gpu(e) for e in events), 1),
+        }
+    models.txt2img.enable_lora()
+    info["profile_batch4"] = out
+
+
 def profile_pass(run_pass, run_plain) -> dict:
     """torch.profiler over one fused subject pass and one plain inpaint of the same size: the pass's labelled stages
     (CPU and GPU milliseconds) and the ops with the most CPU time of their own."""
@@ -310,7 +348,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma separated")
-    parser.add_argument("--skip", default="", help="comma list of: generation,batched,batch4,training,compile")
+    parser.add_argument("--skip", default="",
+                        help="comma list of: generation,batched,batch4,profile4,training,compile,compile4")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -354,13 +393,16 @@ def main() -> int:
         sections.append(lambda: bench_batched(models, config, rows))
     if "batch4" not in skip:
         sections.append(lambda: bench_batch4(models, config, rows, t2i, plain_pipelines(models)[1]))
+    if "profile4" not in skip:
+        sections.append(lambda: profile_batch4(models, config, info, t2i))
     if "training" not in skip:
         sections.append(lambda: info.__setitem__("checkpointing_auto_choice",
                                                  bench_training(models, config, rows, args.train_steps)))
     for mode in args.compile_modes.split(","):
         if "compile" not in skip and mode:
             sections.append(lambda mode=mode: bench_compile(models, config, rows, info, mode))
-            sections.append(lambda mode=mode: bench_compile_four(models, config, rows, info, mode))
+            if "compile4" not in skip:  # its first run compiles a new batch shape (~280 s on an H200)
+                sections.append(lambda mode=mode: bench_compile_four(models, config, rows, info, mode))
     for section in sections:
         section()
         write_results(args.out, info, seen_inputs, rows, config)  # after every section: a cut-off run keeps its rows

@@ -148,7 +148,26 @@ def test_a_pass_runs_at_its_crops_size_between_the_floor_and_the_resolution(tiny
     assert hp.pass_size(tiny_models, config, 200) == 208  # rounded up to what the UNet divides (16 px here)
     assert hp.pass_size(tiny_models, config, 40) == 96  # a small crop is upscaled to the floor
     assert hp.pass_size(tiny_models, config, 256) == 256
-    assert hp.pass_size(tiny_models, config.replace(compile_unet=True), 200) == 256  # one compiled graph
+    compiled = config.replace(compile_unet=True)  # two shapes, each compiled once: the floor or the resolution
+    assert [hp.pass_size(tiny_models, compiled, side) for side in (40, 150, 176, 200, 256)] == [96, 96, 256, 256, 256]
+
+
+def test_skipping_diffusers_masked_picture_encode_changes_no_latent(tiny_models, tiny_config, result):
+    """The placeholder ``inpaint_latents`` hands a 4-channel UNet instead of the masked picture's latents: the same
+    latents as diffusers' own call, which VAE-encodes the masked picture (three samples, one call)."""
+    from PIL import Image
+
+    images = [result.coarse, result.final, result.coarse.transpose(Image.FLIP_LEFT_RIGHT)]
+    mask = Image.fromarray((result.masks.support["cat"] * 255).astype(np.uint8))
+    args = dict(strength=0.8, seed=[3, 4, 5], size=64, prompt=["a cat"] * 3, negative_prompt=[""] * 3)
+    with ha.only_adapter(tiny_models, None), torch.no_grad():
+        ours = hp.inpaint_latents(tiny_models, tiny_config, images, [mask] * 3, **args)
+        theirs = tiny_models.inpaint(prompt=args["prompt"], negative_prompt=args["negative_prompt"], image=images,
+                                     mask_image=[mask] * 3, strength=0.8, height=64, width=64,
+                                     num_inference_steps=tiny_config.steps, guidance_scale=tiny_config.guidance_scale,
+                                     generator=[tiny_models.generator(s) for s in (3, 4, 5)],
+                                     output_type="latent").images
+    assert tiny_models.unet.config.in_channels == 4 and torch.equal(ours, theirs)
 
 
 def test_phase0s_ghosts_are_painted_over_with_the_base_model_and_nothing_else_changes(tiny_models, tiny_config,
