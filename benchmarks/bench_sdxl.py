@@ -285,7 +285,7 @@ def bench_compile(models, config, rows: dict, info: dict, mode: str) -> None:
     layouts = {id(c): default_layout(c.subject_names, size, size) for c in (two, other_two)}
     run = lambda c: hp.coarse_to_fine(models, c, layouts[id(c)])  # noqa: E731
     models.unet.to(memory_format=torch.channels_last)
-    models.unet.compile(mode=mode)
+    models.unet.compile(mode=mode, dynamic=False)  # a static graph per pass size (a dynamic one ran slower: run p)
     start = time.perf_counter()
     run(two)  # warm-up: compiles
     torch.cuda.synchronize()

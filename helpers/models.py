@@ -122,7 +122,7 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None,
     if config.compile_unet:
         # in place (nn.Module.compile): the pipelines and peft keep working on the same module object
         txt2img.unet.to(memory_format=torch.channels_last)
-        txt2img.unet.compile(mode="default")
+        txt2img.unet.compile(mode="default", dynamic=False)
     return ModelBundle(config.profile, txt2img, inpaint, device, dtype, source)
 
 
