@@ -97,6 +97,33 @@ def test_on_rendered_scenes_identity_ranks_the_right_subject_and_the_class_is_pr
     assert present / total >= 0.90, present / total
 
 
+def test_faded_fires_on_an_ordinary_object_of_the_class_and_not_on_the_subject_itself(scorer, layout, mask_set):
+    """The report's "faded" (identity under the subject's QA threshold) on rendered truth: the subject itself in its
+    region is not faded; an ordinary object of its class there (another colour, pattern, no mark) mostly is."""
+    from helpers.notebook import make_config
+    from helpers.qa import subject_thresholds
+
+    thresholds = subject_thresholds(scorer, make_config("world"))
+    faded = {"subject": [], "ordinary": []}
+    for seed in SEEDS[:60]:
+        spec, image = rendered(layout, seed)
+        rng = random.Random(seed)
+        ordinary = []
+        for obj in spec.objects:
+            other = world.sample_object(rng, obj.cx, obj.cy, obj.size)
+            while other.cls != obj.cls:
+                other = world.sample_object(rng, obj.cx, obj.cy, obj.size)
+            ordinary.append(other)
+        for kind, picture in (("subject", image), ("ordinary", world.render(dataclasses.replace(
+                spec, objects=tuple(ordinary))))):
+            crops = ms.own_crops(picture, mask_set, NAMES)
+            faded[kind] += [scorer.leakage_row(crops[n], n)[n] < thresholds[n] for n in NAMES]
+    print(f"\nfaded on rendered truth: subject {np.mean(faded['subject']):.3f}, ordinary object of its class "
+          f"{np.mean(faded['ordinary']):.3f}")
+    assert np.mean(faded["subject"]) <= 0.02, np.mean(faded["subject"])
+    assert np.mean(faded["ordinary"]) >= 0.80, np.mean(faded["ordinary"])
+
+
 def test_the_ghost_detector_finds_planted_cats_and_mugs_with_few_false_alarms(scorer, layout, mask_set):
     hits = false_alarms = negatives = 0
     for seed in SEEDS:
