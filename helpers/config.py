@@ -140,7 +140,8 @@ class ProjectConfig:
     # Phase 0's objects of a subject's class outside every region (ghosts) are found and painted over with the scene's
     # setting before the subject passes, at most this many rounds (0: leave them)
     ghost_cleanup_rounds: int = setting(2, "generation", low=0)
-    # torch.compile the UNet once (minutes of warm-up, then faster passes; fused weights change values, not graphs)
+    # torch.compile the UNet (static graphs: minutes of warm-up for each new image size or batch, then faster calls;
+    # passes run at two sizes only, fused weights change values, not graphs)
     compile_unet: bool = setting(False, "generation")
     # training
     train_steps: int = setting(40, "training", hashed=True, low=1, tiny=40, sdxl=500, world=1000)
