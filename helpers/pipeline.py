@@ -158,9 +158,8 @@ def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray,
 def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int:
     """The side of a subject pass: the crop's own size rounded up to what the UNet divides evenly, between
     ``subject_pass_min_size`` and the resolution (a small crop is upscaled to a size the model draws well). With a
-    compiled UNet a pass runs at whichever of those two sizes is nearer the crop's (the larger on a tie): two shapes,
-    each compiled once, instead of one per crop size; at the resolution always, the passes cost what compiling saves
-    (2 subjects' 798 px crops as 1024² passes: 1.82x a plain t2i on an H200)."""
+    compiled UNet a pass runs at whichever of those two bounds is nearer the crop's size (the larger on a tie), so two
+    static graphs serve every pass; passes always at the resolution cost what compiling saves (README, runs n and q)."""
     if config.compile_unet:
         return min((config.resolution, config.subject_pass_min_size), key=lambda side: abs(side - crop_side))
     multiple = models.inpaint.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
