@@ -212,8 +212,6 @@ def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
 def profile_batch4(models, config, info: dict, t2i) -> None:
     """torch.profiler over one batch-4 coarse-to-fine with 2 subjects (passes batched) and one batch-4 plain t2i:
     where the time beyond the plain picture goes (the labelled stages, the GPU kernels and CPU ops that cost most)."""
-    from torch.profiler import ProfilerActivity, profile
-
     size, two = config.resolution, config.replace(subjects=config.subjects[:2], batch_subject_passes="all")
     layout = default_layout(two.subject_names, size, size)
     runs = {"coarse-to-fine": lambda: hp.coarse_to_fine_many(models, two, layout, [0, 1, 2, 3]),
@@ -226,48 +224,42 @@ def profile_batch4(models, config, info: dict, t2i) -> None:
         fn()  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        events = prof.key_averages()
+        summary, events = profiled(fn, ("pass/", "phase0/"))
         gpu = lambda e: getattr(e, "self_device_time_total", 0) / 1e3  # noqa: E731
-        out[name] = {
-            "wall_s_profiled": round(wall, 3),
-            "stages_ms": {e.key: {"cpu": round(e.cpu_time_total / 1e3, 1),
-                                  "gpu": round((getattr(e, "device_time_total", None)
-                                                or getattr(e, "cuda_time_total", 0)) / 1e3, 1)}
-                          for e in events if e.key.startswith(("pass/", "phase0/"))},
-            "top_gpu_kernels_ms": {e.key[:90]: round(gpu(e), 1) for e in sorted(events, key=lambda e: -gpu(e))[:15]},
-            "top_self_cpu_ms": {e.key[:90]: round(e.self_cpu_time_total / 1e3, 1)
-                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]},
-            "total_gpu_kernel_ms": round(sum(gpu(e) for e in events), 1),
-        }
+        out[name] = {"wall_s_profiled": round(time.perf_counter() - start, 3), **summary,
+                     "top_gpu_kernels_ms": {e.key[:90]: round(gpu(e), 1)
+                                            for e in sorted(events, key=lambda e: -gpu(e))[:15]}}
     models.txt2img.enable_lora()
     info["profile_batch4"] = out
+
+
+def profiled(fn, stage_prefixes: tuple[str, ...]) -> tuple[dict, list]:
+    """One call of ``fn`` under torch.profiler: its labelled stages (CPU and GPU milliseconds), the ops with the most
+    CPU time of their own and the GPU kernels' total; and the profiler's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return {
+        "stages_ms": {e.key: {"cpu": round(e.cpu_time_total / 1e3, 1),
+                              "gpu": round((getattr(e, "device_time_total", None)
+                                            or getattr(e, "cuda_time_total", 0)) / 1e3, 1)}
+                      for e in events if e.key.startswith(stage_prefixes)},
+        "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in
+                            sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]},
+        "total_gpu_kernel_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3, 1),
+    }, events
 
 
 def profile_pass(run_pass, run_plain) -> dict:
     """torch.profiler over one fused subject pass and one plain inpaint of the same size: the pass's labelled stages
     (CPU and GPU milliseconds) and the ops with the most CPU time of their own."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = {}
     for name, fn in (("subject pass", run_pass), ("plain inpaint", run_plain)):
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        out[name] = {
-            "stages_ms": {e.key: {"cpu": round(e.cpu_time_total / 1e3, 1),
-                                  "gpu": round((getattr(e, "device_time_total", None)
-                                                or getattr(e, "cuda_time_total", 0)) / 1e3, 1)}
-                          for e in events if e.key.startswith("pass/")},
-            "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in
-                                sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]},
-            "total_gpu_kernel_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3, 1),
-        }
+        out[name] = profiled(fn, ("pass/",))[0]
     return out
 
 

@@ -182,7 +182,7 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
         t0 = time.perf_counter()
         jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0])
                 for index, s in failing]
-        start_from = _with_phase0_where_setting_broke(result, config, _with_best(result, config, best),
+        start_from = _with_phase0_where_setting_broke(result, _with_best(result, config, best),
                                                       [s.name for _, s in failing if best[s.name][0].setting_broken])
         candidates = pass_candidates(models, config, start_from, result.masks, jobs)
         seconds = (time.perf_counter() - t0) / len(jobs)
@@ -224,8 +224,7 @@ def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subjec
     return PassJob(subject, seed, strength, prompts.qa(subject.name), config.prompt_boost)
 
 
-def _with_phase0_where_setting_broke(result: GenerationResult, config: ProjectConfig, image: Image.Image,
-                                     names: list[str]) -> Image.Image:
+def _with_phase0_where_setting_broke(result: GenerationResult, image: Image.Image, names: list[str]) -> Image.Image:
     """``image`` with the regions of ``names`` back to Phase 0's scene: a repaint that starts from a region painted
     edge to edge keeps its shape, one that starts from the scene's own region does not. Pixels that another region's
     (dilated) mask also touches stay as they are, so no neighbour is undone."""
