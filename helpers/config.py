@@ -127,6 +127,9 @@ class ProjectConfig:
                                 world="a cat left of a mug on a wooden table, warm light")
     negative_prompt: str = setting("blurry, deformed, low quality", "generation", world="")
     inpaint_strength: float = setting(0.85, "generation", above=0.0, high=1.0)
+    # the schedule of every inpainting call (subject passes, refinements, ghost cleanup), of which a call runs its
+    # strength's share; 0: the same as ``steps``. Fewer steps make the passes cheaper where the GPU is busy (batch 4)
+    inpaint_steps: int = setting(0, "generation", low=0)
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass

@@ -268,6 +268,17 @@ def test_batched_passes_paint_what_sequential_passes_paint(tiny_models, tiny_con
     assert np.array_equal(np.asarray(batched.final)[outside], np.asarray(batched.coarse)[outside])
 
 
+def test_inpaint_steps_set_the_schedule_of_every_pass(tiny_models, tiny_config, trained, corner_layout):
+    config = tiny_config.replace(batch_subject_passes="disjoint", steps=4, inpaint_steps=8)
+    sizes = []
+    handle = tiny_models.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        hp.coarse_to_fine(tiny_models, config, corner_layout, seed=5)
+    finally:
+        handle.remove()
+    assert sizes == [2] * 4 + [4] * int(8 * config.inpaint_strength)  # Phase 0's 4 steps, the passes' share of 8
+
+
 def test_composites_of_several_seeds_in_one_batch_equal_each_seeds_own_run(tiny_models, tiny_config, trained,
                                                                            corner_layout):
     config = tiny_config.replace(batch_subject_passes="disjoint")

@@ -166,7 +166,7 @@ def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_ship
     out = tmp_path / "trained"
     assert world_train.main(["--out", str(out), "--scenes", "96", "--vae-steps", "2", "--unet-steps", "2",
                              "--unet-continue-steps", "1", "--scorer-steps", "2", "--batch", "8", "--unet-batch", "8",
-                             "--workers", "1"]) == 0
+                             "--workers", "1", "--inpaint-pairs", "0.5"]) == 0
     pipe = load_pipeline_folder(out / "pipeline", torch_dtype := __import__("torch").float32)
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.vae.dtype == torch_dtype
     assert pipe.config.force_zeros_for_empty_prompt is False  # an empty negative prompt is encoded, as in training
@@ -176,6 +176,22 @@ def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_ship
     assert sum(p.numel() for p in model.parameters()) > 1e6
     report = __import__("json").loads((out / "training_report.json").read_text())
     assert {"data", "vae", "unet", "scorer"} <= set(report) and report["unet"]["continued_steps"] == 1
+    assert report["unet"]["inpaint_pairs"] == 0.5
+
+
+def test_an_inpainting_pair_is_its_scene_with_one_object_left_out():
+    """The trainer's pairs: the emptied scene differs from the scene only inside the removed object's box."""
+    from helpers.world import train as world_train
+
+    images, _, boxes, _, emptied, removed = world_train._render_chunk(range(12))
+    assert len(emptied) == len(removed) == 12
+    for image, empty, box, gone in zip(images, emptied, boxes, removed):
+        assert gone in box
+        x0, y0, x1, y1 = (max(v, 0) for v in gone)
+        outside = np.ones(image.shape[:2], bool)
+        outside[y0:y1 + 1, x0:x1 + 1] = False
+        changed = np.abs(image.astype(int) - empty.astype(int)).max(axis=-1) > 8
+        assert changed[~outside].any() and not (changed & outside).mean() > 0.01
 
 
 def test_a_closeup_shows_one_object_at_a_regions_scale_and_names_it():

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The world's close-up fine-tune on one GPU (the lent H200): the inpainting gate and the generator's class/colour
-# accuracy of the shipped models, then the UNet and text encoders continued on scenes + close-ups
-# (world.render_closeup), then the same measures on the result; the new pipeline is packed into $OUT/pipeline.tar.gz.
-# Usage on the device machine: bash benchmarks/world_closeups_gpu.sh [UNET_STEPS] [LR]
+# The world's UNet and text encoders continued from the shipped weights on one GPU (the lent H200), then measured:
+# the inpainting gate, the generator's class/colour accuracy, two-object binding, VAE PSNR. The new UNet and text
+# encoders come back as $OUT/unet.tar and $OUT/text_encoders.tar (each under the device's 16 MiB per file).
+# Usage on the device machine: bash benchmarks/world_continue_gpu.sh LABEL STEPS LR [trainer options...]
+#   close-ups (2026-12-02, not shipped):  bash benchmarks/world_continue_gpu.sh closeups 3000 2e-4 --closeups 20000
+#   inpainting pairs (2026-12-03):        bash benchmarks/world_continue_gpu.sh pairs 3000 2e-4 --inpaint-pairs 0.5
+# MEASURE_SHIPPED=1 measures the committed weights first.
 set -eu
 python3 -m pip install -q --no-deps .device-wheels/*.whl 2>/dev/null
 OUT=${OUT:-/tmp/out}
-STEPS=${1:-3000}
-LR=${2:-2e-4}
+LABEL=$1 STEPS=$2 LR=$3
+shift 3
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 measure() {
   python3 -c "
@@ -21,13 +24,14 @@ print('$1 two-object binding', we.two_object_binding(models, config, scorer))
 print('$1 vae psnr', round(we.vae_psnr(models), 2))
 " | tee -a "$OUT/measures.txt"
 }
-measure shipped
+[ "${MEASURE_SHIPPED:-0}" = 1 ] && measure shipped
 python3 -m helpers.world.train --out /tmp/w --stages data,unet --vae-from models/world/pipeline/vae \
-  --unet-from models/world/pipeline --unet-steps "$STEPS" --unet-lr "$LR" --unet-continue-steps 0 \
+  --unet-from models/world/pipeline --unet-steps "$STEPS" --unet-lr "$LR" --unet-continue-steps 0 "$@" \
   > "$OUT/train.log" 2>&1 || { tail -30 "$OUT/train.log"; exit 1; }
 tail -3 "$OUT/train.log"
 cp /tmp/w/training_report.json "$OUT/"
 for part in unet text_encoder text_encoder_2; do rm -rf "models/world/pipeline/$part"; cp -r "/tmp/w/pipeline/$part" models/world/pipeline/; done
-measure closeups
-tar czf "$OUT/pipeline.tar.gz" -C /tmp/w pipeline
+measure "$LABEL"
+tar cf "$OUT/unet.tar" -C /tmp/w/pipeline unet
+tar cf "$OUT/text_encoders.tar" -C /tmp/w/pipeline text_encoder text_encoder_2
 grep -E "inpaint all|generator class|binding" "$OUT/measures.txt"
