@@ -13,6 +13,9 @@ from .config import ProjectConfig, Subject
 from .io import atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# an optional mask beside a photo ("cat_0.png" -> "cat_0.mask.png", white where the subject is): training then weights
+# the loss towards the subject's own pixels (config.mask_background_weight)
+MASK_SUFFIX = ".mask.png"
 MIN_PHOTOS_ADVISED = 3
 
 
@@ -26,6 +29,8 @@ def photo_inventory(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue  # hidden files: editor and OS leftovers (.DS_Store, .ipynb_checkpoints), never photos
+        if p.name.lower().endswith(MASK_SUFFIX):
+            continue  # a photo's subject mask, read with its photo (photo_mask_path)
         if p.is_dir():
             ignored.append((p, "a folder (photos in subfolders are not read; move them up)"))
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -207,12 +212,48 @@ def photo_summary(config: ProjectConfig, subject: Subject) -> str:
 
 def augment(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
     """Random square crop (80-100 % of the short side) and horizontal flip, resized to ``size``."""
+    return augment_with_mask(image, None, size, rng)[0]
+
+
+def augment_with_mask(image: Image.Image, mask: Image.Image | None, size: int,
+                      rng: random.Random) -> tuple[Image.Image, Image.Image | None]:
+    """``augment``, with the same crop and flip applied to the photo's mask (if any)."""
     short = min(image.size)
     crop = int(short * rng.uniform(0.8, 1.0))
     left = rng.randint(0, image.width - crop)
     top = rng.randint(0, image.height - crop)
-    out = image.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+    flip = rng.random() < 0.5
+    views = []
+    for picture in (image, mask):
+        if picture is None:
+            views.append(None)
+            continue
+        out = picture.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
+        views.append(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
+    return views[0], views[1]
+
+
+def photo_mask_path(photo: Path) -> Path:
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def load_subject_masks(config: ProjectConfig, subject: Subject) -> list[Image.Image] | None:
+    """The subject masks of its photos (grey, photo-sized, in ``subject_photo_paths`` order), or None unless every
+    photo has one; a mask whose size differs from its photo's is a ``SubjectDataError``."""
+    paths = subject_photo_paths(config.data_path(subject), subject.name)
+    if not all(photo_mask_path(p).exists() for p in paths):
+        return None
+    masks = []
+    for path in paths:
+        with Image.open(photo_mask_path(path)) as im:
+            mask = im.convert("L")
+        with Image.open(path) as photo:
+            size = ImageOps.exif_transpose(photo).size
+        if mask.size != size:
+            raise SubjectDataError(f"{photo_mask_path(path)}: the mask is {mask.width}x{mask.height} px, its photo "
+                                   f"{size[0]}x{size[1]}; make it the photo's size or remove it.")
+        masks.append(mask)
+    return masks
 
 
 def center_square(image: Image.Image, size: int) -> Image.Image:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from .adapters import LORA_WEIGHTS_FILE, LoraFileError, generate, load_lora_file
 from .config import ProjectConfig, Subject
-from .data import augment, load_subject_photos, subject_photo_paths
+from .data import augment_with_mask, load_subject_masks, load_subject_photos, photo_mask_path, subject_photo_paths
 from .io import save_image_atomic, save_safetensors_atomic, set_aside, temp_folder, write_json_atomic
 from .models import ModelBundle, library_versions, load_models, model_source
 
@@ -51,12 +51,17 @@ class TrainReport:
 # skip: fingerprints and metadata
 # ----------------------------------------------------------------------------------------------------------------
 def training_fingerprint(config: ProjectConfig, subject: Subject, base_model: str) -> dict:
-    """What decides the LoRA's weights: settings, subject words, base model and the photos' bytes."""
-    photos = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-              for p in subject_photo_paths(config.data_path(subject), subject.name)}
-    return {"settings": config.hashed_settings(),
-            "subject": {"token": subject.token, "class_name": subject.class_name},
-            "base_model": base_model, "photos": photos}
+    """What decides the LoRA's weights: settings, subject words, base model, the photos' bytes and (where the loss
+    reads them) their masks' bytes."""
+    paths = subject_photo_paths(config.data_path(subject), subject.name)
+    photos = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in paths}
+    fingerprint = {"settings": config.hashed_settings(),
+                   "subject": {"token": subject.token, "class_name": subject.class_name},
+                   "base_model": base_model, "photos": photos}
+    if config.mask_background_weight < 1 and all(photo_mask_path(p).exists() for p in paths):
+        fingerprint["masks"] = {p.name: hashlib.sha256(photo_mask_path(p).read_bytes()).hexdigest()[:16] for p in paths}
+        fingerprint["mask_background_weight"] = config.mask_background_weight
+    return fingerprint
 
 
 def fingerprint_hash(fingerprint: dict) -> str:
@@ -151,6 +156,8 @@ class TrainingData:
     prompt_embeds: torch.Tensor  # (1, 77, 2048)
     pooled_embeds: torch.Tensor  # (1, 1280)
     time_ids: torch.Tensor  # (1, 6)
+    # (N, 1, h, w) per-pixel loss weights at latent size: 1 on the subject, mask_background_weight elsewhere
+    loss_weights: torch.Tensor | None = None
     class_latents: torch.Tensor | None = None
     class_prompt_embeds: torch.Tensor | None = None
     class_pooled_embeds: torch.Tensor | None = None
@@ -183,16 +190,33 @@ def class_images(models: ModelBundle, config: ProjectConfig, subject: Subject) -
 
 def prepare_training_data(models: ModelBundle, config: ProjectConfig, subject: Subject) -> TrainingData:
     photos = load_subject_photos(config, subject)
+    masks = load_subject_masks(config, subject) if config.mask_background_weight < 1 else None
+    masks = [m.resize(p.size, Image.BILINEAR) for m, p in zip(masks, photos)] if masks else [None] * len(photos)
     rng = random.Random(config.seed)
-    views = [augment(photo, config.train_resolution, rng) for photo in photos for _ in range(VIEWS_PER_PHOTO)]
+    pairs = [augment_with_mask(photo, mask, config.train_resolution, rng)
+             for photo, mask in zip(photos, masks) for _ in range(VIEWS_PER_PHOTO)]
     embeds, pooled = encode_text(models, subject.instance_prompt)
     res = config.train_resolution
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=models.device)
-    data = TrainingData(encode_images(models, views), embeds, pooled, time_ids)
+    latents = encode_images(models, [view for view, _ in pairs])
+    data = TrainingData(latents, embeds, pooled, time_ids)
+    if masks[0] is not None:
+        data.loss_weights = subject_loss_weights([m for _, m in pairs], latents.shape[-1],
+                                                 config.mask_background_weight).to(latents.device)
     if config.prior_preservation and config.num_class_images > 0:
         data.class_latents = encode_images(models, class_images(models, config, subject))
         data.class_prompt_embeds, data.class_pooled_embeds = encode_text(models, subject.class_prompt)
     return data
+
+
+def subject_loss_weights(masks: list[Image.Image], side: int, background: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights (N, 1, side, side): 1 where the mask is white, ``background`` where it is black
+    (a mask's grey edge in between), so the LoRA learns the subject rather than its photos' backgrounds."""
+    import numpy as np
+
+    cover = torch.stack([torch.from_numpy(np.asarray(m.resize((side, side), Image.BOX), np.float32) / 255)
+                         for m in masks])[:, None]
+    return background + (1 - background) * cover
 
 
 def offload_encoders(models: ModelBundle) -> None:
@@ -303,7 +327,8 @@ class LoraTrainer:
                 pass
         return torch.optim.AdamW(self.params, lr=self.config.learning_rate, weight_decay=1e-2)
 
-    def _loss(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
         device, sched = self.models.device, self.noise_scheduler
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
@@ -315,7 +340,11 @@ class LoraTrainer:
             pred = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.expand(n, -1, -1),
                              added_cond_kwargs={"text_embeds": pooled.expand(n, -1),
                                                 "time_ids": self.data.time_ids.expand(n, -1)}).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if weights is None:
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:  # a weighted mean over the pixels, so the loss keeps its scale whatever share the subject covers
+            per_sample = (error * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * error.shape[1])
         if self.config.min_snr_gamma > 0:
             from diffusers.training_utils import compute_snr
 
@@ -328,7 +357,9 @@ class LoraTrainer:
     def step(self) -> float:
         data, batch = self.data, self.config.train_batch_size
         index = torch.randint(0, data.latents.shape[0], (batch,), generator=self.generator)
-        loss = self._loss(data.latents[index.to(data.latents.device)], data.prompt_embeds, data.pooled_embeds)
+        weights = data.loss_weights[index.to(data.loss_weights.device)] if data.loss_weights is not None else None
+        loss = self._loss(data.latents[index.to(data.latents.device)], data.prompt_embeds, data.pooled_embeds,
+                          weights)
         if data.class_latents is not None:
             class_index = torch.randint(0, data.class_latents.shape[0], (batch,), generator=self.generator)
             loss = loss + self.config.prior_loss_weight * self._loss(

@@ -136,3 +136,30 @@ def test_the_upload_widget_stores_what_is_uploaded_and_shows_refusals(tmp_path):
     legacy = {"x.jpg": {"metadata": {"name": "x.jpg"}, "content": b"broken"}}  # ipywidgets 7.7's shape
     upload.notify_change({"name": "value", "old": (), "new": legacy, "owner": upload, "type": "change"})
     assert "x.jpg" in status.value and len(list((tmp_path / "toy").iterdir())) == 1
+
+
+def test_a_photos_mask_is_read_beside_it_cropped_with_it_and_never_taken_for_a_photo(tmp_path):
+    import random
+
+    from helpers.data import augment_with_mask, load_subject_masks, photo_inventory
+
+    config = _config(tmp_path)
+    for name in ("a", "b"):
+        _photo().save(tmp_path / f"{name}.png")
+    assert load_subject_masks(config, config.subjects[0]) is None  # no masks: the whole photo, as before
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (0, 0, 48, 40))  # the photo's contrasting block
+    mask.save(tmp_path / "a.mask.png")
+    assert load_subject_masks(config, config.subjects[0]) is None  # not every photo has one
+    mask.save(tmp_path / "b.mask.png")
+    used, ignored = photo_inventory(tmp_path)
+    assert [p.name for p in used] == ["a.png", "b.png"] and ignored == []
+    masks = load_subject_masks(config, config.subjects[0])
+    assert len(masks) == 2 and masks[0].mode == "L"
+    view, view_mask = augment_with_mask(_photo(), masks[0], 64, random.Random(3))
+    assert np.array_equal(np.asarray(view), np.asarray(augment(_photo(), 64, random.Random(3))))
+    blue = np.asarray(view)[..., 2] > 150  # the block, wherever the crop and flip put it
+    assert (np.asarray(view_mask)[blue] > 127).mean() > 0.95 and (np.asarray(view_mask)[~blue] < 128).mean() > 0.95
+    Image.new("L", (40, 40), 255).save(tmp_path / "b.mask.png")
+    with pytest.raises(SubjectDataError, match=r"b\.mask\.png: the mask is 40x40 px, its photo 96x80"):
+        load_subject_masks(config, config.subjects[0])

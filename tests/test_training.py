@@ -206,3 +206,42 @@ def test_kohya_files_load_as_a_subjects_lora_file_with_the_adapters_outputs(tiny
     for name in ("cat", "mug"):
         assert torch.allclose(_unet_with(models, name), _unet_with(tiny_models, name), atol=1e-5), name
     assert not torch.allclose(_unet_with(models, "cat"), _unet_with(models, None), atol=1e-5)
+
+
+def test_masks_weight_the_loss_towards_the_subject_and_enter_the_fingerprint_only_when_used(tmp_path, tiny_models,
+                                                                                            demo_photos):
+    from PIL import Image
+
+    from helpers.data import subject_photo_paths
+
+    config = _config(tmp_path, train_steps=2)
+    subject = config.subjects[0]
+    subject = type(subject)(subject.name, subject.token, subject.class_name, str(demo_photos / "cat"),
+                            subject.lora_dir)
+    config = config.replace(subjects=[subject])
+    unmasked = ht.training_fingerprint(config, subject, "tiny")
+    for photo in subject_photo_paths(demo_photos / "cat", "cat"):
+        with Image.open(photo) as im:
+            mask = Image.new("L", im.size, 0)
+        mask.paste(255, (0, 0, mask.width // 2, mask.height))  # the left half is "the subject"
+        mask.save(photo.with_name(photo.stem + ".mask.png"))
+    assert ht.training_fingerprint(config, subject, "tiny") == unmasked  # weight 1: masks unused, LoRAs stay current
+    weighted = config.replace(mask_background_weight=0.2)
+    assert set(ht.training_fingerprint(weighted, subject, "tiny")) - set(unmasked) == {"masks",
+                                                                                        "mask_background_weight"}
+    data = ht.prepare_training_data(tiny_models, weighted, subject)
+    weights = data.loss_weights
+    assert weights.shape == (data.latents.shape[0], 1, *data.latents.shape[-2:])
+    assert weights.min() == pytest.approx(0.2) and weights.max() == pytest.approx(1.0)
+    assert ht.prepare_training_data(tiny_models, config, subject).loss_weights is None
+    assert run_training(weighted, models=tiny_models, progress=False)["cat"].steps_done == 2
+
+
+def test_subject_loss_weights_follow_the_mask():
+    from PIL import Image
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    weights = ht.subject_loss_weights([mask], 8, 0.1)
+    assert torch.allclose(weights[0, 0, :, :4], torch.ones(8, 4))
+    assert torch.allclose(weights[0, 0, :, 4:], torch.full((8, 4), 0.1))

@@ -89,6 +89,11 @@ def test_the_shipped_subject_photos_are_the_renderers():
         for i, spec in enumerate(specs):
             shipped = np.asarray(Image.open(PROJECT_ROOT / "data" / "world" / subject.name / f"{subject.name}_{i}.png"))
             assert np.array_equal(shipped, np.asarray(world.render(spec)))
+            mask = Image.open(PROJECT_ROOT / "data" / "world" / subject.name / f"{subject.name}_{i}.mask.png")
+            assert np.array_equal(np.asarray(mask), np.asarray(world.subject_mask(spec)))
+            x0, y0, x1, y1 = spec.objects[0].box()
+            inside = np.asarray(mask)[max(y0, 0):y1, max(x0, 0):x1] > 0
+            assert inside.mean() > 0.3 and (np.asarray(mask) > 0).sum() <= inside.sum() * 1.2  # on the subject
 
 
 def test_every_caption_word_is_known_to_the_real_clip_tokenizer(world_models):

@@ -339,8 +339,19 @@ def subject_photo_specs(subject: PersonalSubject, n: int = PHOTOS_PER_SUBJECT, s
     return specs
 
 
+def subject_mask(spec: SceneSpec) -> Image.Image:
+    """White where the photo's subject is: the pixels that differ from the same picture without it."""
+    from PIL import ImageFilter
+
+    shown = np.asarray(render(spec), np.int16)
+    empty = np.asarray(render(replace(spec, objects=())), np.int16)
+    mask = Image.fromarray(((np.abs(shown - empty).max(axis=-1) > 12) * 255).astype(np.uint8))
+    return mask.filter(ImageFilter.MaxFilter(3))  # the soft rim too
+
+
 def write_subject_photos(data_dir: Path, overwrite: bool = False) -> list[Path]:
-    """``data/world/<subject>/<subject>_<i>.png`` for both personal subjects (only missing files unless told)."""
+    """``data/world/<subject>/<subject>_<i>.png`` and its subject mask ``<subject>_<i>.mask.png`` for every personal
+    subject (only missing files unless told)."""
     from ..io import save_image_atomic
 
     written = []
@@ -349,6 +360,9 @@ def write_subject_photos(data_dir: Path, overwrite: bool = False) -> list[Path]:
             path = Path(data_dir) / subject.name / f"{subject.name}_{i}.png"
             if overwrite or not path.exists():
                 written.append(save_image_atomic(render(spec), path))
+            mask_path = path.with_name(f"{subject.name}_{i}.mask.png")
+            if overwrite or not mask_path.exists():
+                written.append(save_image_atomic(subject_mask(spec), mask_path))
     return written
 
 
