@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = torch.load(out / "vae.pt", weights_only=False)
         pairs = None
         if args.inpaint_pairs:
+            if not len(saved.get("emptied", ())):
+                raise SystemExit(f"--inpaint-pairs needs the scenes' emptied latents, which {out / 'vae.pt'} lacks: "
+                                 f"run the data stage again (and vae, or --vae-from) into a new --out")
             pairs = (saved["emptied"], torch.tensor(data["removed"], dtype=torch.long))
         unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"], args.unet_steps,
                                     args.unet_batch, device, log, args.unet_lr, args.unet_from, pairs=pairs,
