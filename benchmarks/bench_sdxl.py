@@ -93,9 +93,9 @@ def plain_inpaint_call(inpaint, config, side: int, images: int = 1):
     image = Image.new("RGB", (side, side), (128, 128, 128))
     mask = Image.new("L", (side, side), 0)
     mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-    steps = config.inpaint_steps or config.steps  # the passes' own schedule, so a pass and its plain twin do one work
+    # the passes' own schedule, so a pass and its plain twin do one work
     return lambda: inpaint("a mug", image=image, mask_image=mask, strength=config.inpaint_strength, height=side,
-                           width=side, num_inference_steps=steps, num_images_per_prompt=images,
+                           width=side, num_inference_steps=config.effective_inpaint_steps, num_images_per_prompt=images,
                            generator=torch.Generator().manual_seed(0), output_type="pil")
 
 

@@ -273,6 +273,10 @@ class ProjectConfig:
         return [s.name for s in self.subjects]
 
     @property
+    def effective_inpaint_steps(self) -> int:
+        return self.inpaint_steps or self.steps
+
+    @property
     def effective_feather_px(self) -> int:
         return self.feather_px or max(2, self.resolution // 32)
 

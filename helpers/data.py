@@ -223,25 +223,29 @@ def augment_with_mask(image: Image.Image, mask: Image.Image | None, size: int,
     left = rng.randint(0, image.width - crop)
     top = rng.randint(0, image.height - crop)
     flip = rng.random() < 0.5
-    views = []
-    for picture in (image, mask):
-        if picture is None:
-            views.append(None)
-            continue
+
+    def view(picture: Image.Image) -> Image.Image:
         out = picture.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
-        views.append(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
-    return views[0], views[1]
+        return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+    return view(image), view(mask) if mask is not None else None
 
 
 def photo_mask_path(photo: Path) -> Path:
     return photo.with_name(photo.stem + MASK_SUFFIX)
 
 
+def mask_paths(photos: list[Path]) -> list[Path] | None:
+    """Each photo's mask file, or None unless every photo has one (a subject's photos are masked all or none)."""
+    masks = [photo_mask_path(p) for p in photos]
+    return masks if all(m.exists() for m in masks) else None
+
+
 def load_subject_masks(config: ProjectConfig, subject: Subject) -> list[Image.Image] | None:
     """The subject masks of its photos (grey, photo-sized, in ``subject_photo_paths`` order), or None unless every
     photo has one; a mask whose size differs from its photo's is a ``SubjectDataError``."""
     paths = subject_photo_paths(config.data_path(subject), subject.name)
-    if not all(photo_mask_path(p).exists() for p in paths):
+    if mask_paths(paths) is None:
         return None
     masks = []
     for path in paths:

@@ -182,7 +182,7 @@ def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Ima
         text["masked_image_latents"] = torch.zeros(count, models.vae.config.latent_channels, side, side,
                                                    dtype=models.dtype, device=models.device)
     return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
-                          num_inference_steps=config.inpaint_steps or config.steps,
+                          num_inference_steps=config.effective_inpaint_steps,
                           guidance_scale=config.guidance_scale, generator=generator, output_type="latent").images
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from .adapters import LORA_WEIGHTS_FILE, LoraFileError, generate, load_lora_file
 from .config import ProjectConfig, Subject
-from .data import augment_with_mask, load_subject_masks, load_subject_photos, photo_mask_path, subject_photo_paths
+from .data import augment_with_mask, load_subject_masks, load_subject_photos, mask_paths, subject_photo_paths
 from .io import save_image_atomic, save_safetensors_atomic, set_aside, temp_folder, write_json_atomic
 from .models import ModelBundle, library_versions, load_models, model_source
 
@@ -58,8 +58,9 @@ def training_fingerprint(config: ProjectConfig, subject: Subject, base_model: st
     fingerprint = {"settings": config.hashed_settings(),
                    "subject": {"token": subject.token, "class_name": subject.class_name},
                    "base_model": base_model, "photos": photos}
-    if config.mask_background_weight < 1 and all(photo_mask_path(p).exists() for p in paths):
-        fingerprint["masks"] = {p.name: hashlib.sha256(photo_mask_path(p).read_bytes()).hexdigest()[:16] for p in paths}
+    masks = mask_paths(paths) if config.mask_background_weight < 1 else None
+    if masks:
+        fingerprint["masks"] = {p.name: hashlib.sha256(m.read_bytes()).hexdigest()[:16] for p, m in zip(paths, masks)}
         fingerprint["mask_background_weight"] = config.mask_background_weight
     return fingerprint
 

@@ -188,7 +188,7 @@ def test_an_inpainting_pair_is_its_scene_with_one_object_left_out():
     """The trainer's pairs: the emptied scene differs from the scene only inside the removed object's box."""
     from helpers.world import train as world_train
 
-    images, _, boxes, _, emptied, removed = world_train._render_chunk(range(12))
+    images, _, boxes, _, emptied, removed = world_train._render_chunk(range(12), pairs=True)
     assert len(emptied) == len(removed) == 12
     for image, empty, box, gone in zip(images, emptied, boxes, removed):
         assert gone in box

@@ -64,7 +64,7 @@ UNCOND_RATE = 0.1  # captions replaced by "" so classifier-free guidance has an 
 # ----------------------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------------------
-def _render_chunk(seeds: range, closeups: bool = False) -> tuple:
+def _render_chunk(seeds: range, closeups: bool = False, pairs: bool = False) -> tuple:
     images, captions, boxes, descriptions, emptied, removed = [], [], [], [], [], []
     render = world.render_closeup if closeups else world.render_scene
     for seed in seeds:
@@ -73,7 +73,7 @@ def _render_chunk(seeds: range, closeups: bool = False) -> tuple:
         captions.append(scene.caption)
         boxes.append([list(b) for b in scene.boxes])
         descriptions.append([o.describe() for o in scene.spec.objects])
-        if not closeups:  # the same scene with one of its objects left out: the start of an inpainting pass
+        if pairs and not closeups:  # the same scene with one of its objects left out: where an inpainting pass starts
             gone = random.Random(seed + 1).randrange(len(scene.spec.objects))
             rest = tuple(o for i, o in enumerate(scene.spec.objects) if i != gone)
             emptied.append(np.asarray(world.render(dataclasses.replace(scene.spec, objects=rest))))
@@ -81,10 +81,11 @@ def _render_chunk(seeds: range, closeups: bool = False) -> tuple:
     return np.stack(images), captions, boxes, descriptions, emptied, removed
 
 
-def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0) -> dict:
+def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0, pairs: bool = False) -> dict:
     """``n`` scenes from seeds ``first_seed..`` then ``closeups`` close-ups (``world.render_closeup``, seeds from 0):
-    uint8 images (N, 128, 128, 3), captions, boxes, object words; for every scene (not the close-ups) the same scene
-    with one object left out ("emptied") and that object's box ("removed"), for ``train_unet``'s inpainting pairs."""
+    uint8 images (N, 128, 128, 3), captions, boxes, object words; with ``pairs``, for every scene (not the close-ups)
+    the same scene with one object left out ("emptied") and that object's box ("removed"), for ``train_unet``'s
+    inpainting pairs (empty otherwise: they double the rendering)."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -92,8 +93,8 @@ def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0) -> 
     ranges = [range(s, min(s + chunk, first_seed + n)) for s in range(first_seed, first_seed + n, chunk)]
     closeup_ranges = [range(s, min(s + chunk, closeups)) for s in range(0, closeups, chunk)]
     with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_render_chunk, ranges)) + list(pool.map(partial(_render_chunk, closeups=True),
-                                                                      closeup_ranges))
+        parts = (list(pool.map(partial(_render_chunk, pairs=pairs), ranges))
+                 + list(pool.map(partial(_render_chunk, closeups=True), closeup_ranges)))
     return {"images": np.concatenate([p[0] for p in parts]), "captions": [c for p in parts for c in p[1]],
             "boxes": [b for p in parts for b in p[2]], "descriptions": [d for p in parts for d in p[3]],
             "emptied": np.array([e for p in parts for e in p[4]], np.uint8),
@@ -445,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     data_file = out / "data.pt"
     if "data" in stages:
         start = time.perf_counter()
-        data = render_dataset(args.scenes, first_seed=0, workers=args.workers, closeups=args.closeups)
+        data = render_dataset(args.scenes, first_seed=0, workers=args.workers, closeups=args.closeups,
+                              pairs=args.inpaint_pairs > 0)
         tok1, tok2 = clip_tokenizer(EOS_TOKEN), clip_tokenizer("!")
         data["ids1"], data["ids2"] = tokenize(tok1, data["captions"]), tokenize(tok2, data["captions"])
         data["empty"] = (tokenize(tok1, [""])[0], tokenize(tok2, [""])[0])
