@@ -195,10 +195,11 @@ def bench_batched(models, config, rows: dict, seeds: list[int] | None = None, re
                 lambda: hp.coarse_to_fine_many(models, c, layout, seeds), repeat)[::2]
 
 
-def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
+def bench_batch4(models, config, rows: dict, t2i, inpaint, other_inpaint_steps: tuple[int, ...] = ()) -> None:
     """The regime of a card that is busy with one image (an L4, an A100): four pictures per call. The plain
     pipelines draw ``num_images_per_prompt=4``; ours makes four composites of one layout
-    (``pipeline.coarse_to_fine_many``: Phase 0 in one call, every batch of subject passes once for all four)."""
+    (``pipeline.coarse_to_fine_many``: Phase 0 in one call, every batch of subject passes once for all four).
+    ``other_inpaint_steps``: the 2-subject batched row again with those schedules, to compare in the same run."""
     size = config.resolution
     models.txt2img.disable_lora()
     plain = lambda: t2i(PROMPT, height=size, width=size, num_inference_steps=config.steps,  # noqa: E731
@@ -208,6 +209,12 @@ def bench_batch4(models, config, rows: dict, t2i, inpaint) -> None:
     rows[f"batch 4: plain inpaint {size}²"] = timed(plain_inpaint_call(inpaint, config, size, images=4), 2)[::2]
     models.txt2img.enable_lora()
     bench_batched(models, config, rows, seeds=[0, 1, 2, 3], repeat=2, prefix="batch 4: ")
+    two = config.replace(subjects=config.subjects[:2], batch_subject_passes="all")
+    layout = default_layout(two.subject_names, size, size)
+    for steps in other_inpaint_steps:
+        c = two.replace(inpaint_steps=steps)
+        rows[f"batch 4: coarse-to-fine, 2 subjects, batched passes, inpaint_steps {steps}"] = timed(
+            lambda: hp.coarse_to_fine_many(models, c, layout, [0, 1, 2, 3]), 2)[::2]
 
 
 def profile_batch4(models, config, info: dict, t2i) -> None:
@@ -341,6 +348,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma separated")
+    parser.add_argument("--batch4-inpaint-steps", default="",
+                        help="comma list of other inpaint_steps to time the batch-4 2-subject batched row at")
     parser.add_argument("--skip", default="",
                         help="comma list of: generation,batched,batch4,profile4,training,compile,compile4")
     args = parser.parse_args()
@@ -385,7 +394,8 @@ def main() -> int:
     if "batched" not in skip:
         sections.append(lambda: bench_batched(models, config, rows))
     if "batch4" not in skip:
-        sections.append(lambda: bench_batch4(models, config, rows, t2i, plain_pipelines(models)[1]))
+        sections.append(lambda: bench_batch4(models, config, rows, t2i, plain_pipelines(models)[1],
+                                                     tuple(int(v) for v in args.batch4_inpaint_steps.split(",") if v)))
     if "profile4" not in skip:
         sections.append(lambda: profile_batch4(models, config, info, t2i))
     if "training" not in skip:

@@ -128,9 +128,10 @@ class ProjectConfig:
     negative_prompt: str = setting("blurry, deformed, low quality", "generation", world="")
     inpaint_strength: float = setting(0.85, "generation", above=0.0, high=1.0)
     # the schedule of every inpainting call (subject passes, refinements, ghost cleanup), of which a call runs its
-    # strength's share; 0: the same as ``steps``. About two thirds of ``steps``: in the world 14 instead of 20 changed
-    # identity by +0.002 +- 0.012 after QA (96 subjects, development seeds) and passes cost a third less on the GPU
-    inpaint_steps: int = setting(0, "generation", low=0, tiny=0, sdxl=20, world=14)
+    # strength's share; 0: the same as ``steps``. In the world (SDXL's Euler schedule) 14 instead of 20 changed
+    # identity by +0.002 +- 0.012 after QA (96 subjects, development seeds) and 10 was worse (faded +0.125 +- 0.087):
+    # SDXL's 16 stays above the 14 that held (a pass at 0.85 runs 13 steps, a refinement at 0.65 10)
+    inpaint_steps: int = setting(0, "generation", low=0, tiny=0, sdxl=16, world=14)
     region_margin: float = setting(0.15, "generation", low=0.0, below=1.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
     fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass
@@ -175,6 +176,9 @@ class ProjectConfig:
     # (paired -0.083 +- 0.043) for 59 % more refinement passes. The tiny plumbing profile keeps 2 (its runs are tests)
     max_retries: int = setting(4, "qa", low=0, tiny=2)
     refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
+    # a region that does not show its subject's class at all is painted anew at this strength (the first pass's
+    # 0.85 keeps some of what is there: in an empty region, the background)
+    repaint_strength: float = setting(0.85, "qa", above=0.0, high=1.0)
     # a region whose inner edge no longer shows the scene around it (a split world) fails QA and is painted again
     qa_setting_rule: bool = setting(True, "qa")
     prompt_boost: float = setting(1.3, "qa", above=0.0)

@@ -220,7 +220,7 @@ def refinement_job(config: ProjectConfig, prompts: ScenePrompts, subject: Subjec
     both with the token and class word weighted up."""
     if score.setting_broken:
         return PassJob(subject, seed, config.inpaint_strength, prompts.passes[subject.name])
-    strength = config.inpaint_strength if score.rule == "class" else config.refine_strength
+    strength = config.repaint_strength if score.rule == "class" else config.refine_strength
     return PassJob(subject, seed, strength, prompts.qa(subject.name), config.prompt_boost)
 
 

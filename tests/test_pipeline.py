@@ -90,6 +90,44 @@ def test_blend_is_exact_outside_and_mixes_inside():
     assert (out[mask == 0] == (10, 20, 30)).all() and tuple(out[2, 2]) == (105, 110, 115)
 
 
+def test_blend_takes_a_patch_of_the_whole_picture_or_of_the_box_alike():
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    base, whole = (Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2))
+    mask = np.zeros((32, 32), np.float32)
+    mask[10:20, 12:18] = rng.random((10, 6), dtype=np.float32)
+    box = (4, 6, 28, 30)
+    expected = np.asarray(hp.blend_in_mask(base, whole, mask))
+    assert (np.asarray(hp.blend_in_mask(base, whole, mask, box)) == expected).all()
+    assert (np.asarray(hp.blend_in_mask(base, whole.crop(box), mask, box)) == expected).all()
+    assert (np.asarray(hp.blend_in_mask(base, whole, np.zeros_like(mask), box)) == np.asarray(base)).all()
+
+
+def test_a_pass_box_grows_to_its_pass_size_only_by_a_rounding(layout):
+    m = masks(layout, 1024, 1024, 8)
+    box = m.crop_box("cat", 0.15)
+    side = box[2] - box[0]
+    grown = hp.pass_box(m, "cat", 0.15, side + 2)
+    assert grown[2] - grown[0] == grown[3] - grown[1] == side + 2 and 0 <= grown[0] and grown[2] <= 1024
+    assert grown[0] <= box[0] and box[2] <= grown[2] and grown[1] <= box[1] and box[3] <= grown[3]
+    assert hp.pass_box(m, "cat", 0.15, int(side * 1.3)) == box  # a small box is upscaled, not given more context
+    assert hp.pass_box(m, "cat", 0.15, side - 32) == box  # nor shrunk
+
+
+def test_pictures_reach_the_pipeline_with_the_values_diffusers_computes_from_them():
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    pictures = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
+    masks_ = [Image.fromarray((rng.random((16, 16)) > 0.5).astype(np.uint8) * 255) for _ in range(3)]
+    image_processor = VaeImageProcessor(vae_scale_factor=8)
+    mask_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                                       do_convert_grayscale=True)
+    for processor, given in ((image_processor, pictures), (mask_processor, masks_)):
+        ours = processor.preprocess(hp._pixels(given, torch.device("cpu")), height=16, width=16)
+        assert torch.equal(ours, processor.preprocess(given, height=16, width=16))
+
+
 def test_crop_box_is_square_and_inside(layout):
     m = masks(layout, 64, 64, 2)
     for name in ("cat", "mug"):
