@@ -170,7 +170,7 @@ def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int
     static graphs serve every pass; passes always at the resolution cost what compiling saves (README, runs n and q)."""
     if config.compile_unet:
         return min((config.resolution, config.subject_pass_min_size), key=lambda side: abs(side - crop_side))
-    multiple = _unet_multiple(models)
+    multiple = models.inpaint.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     side = -(-crop_side // multiple) * multiple
     return int(min(config.resolution, max(side, config.subject_pass_min_size)))
 
@@ -216,8 +216,9 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
 
     start = time.perf_counter()
     prompt = prompt or config_scene_prompts(config).passes[subject.name]
-    size = pass_size(models, config, _side(masks_.crop_box(subject.name, config.region_margin)))
-    box = pass_box(masks_, subject.name, config.region_margin, size)
+    box = masks_.crop_box(subject.name, config.region_margin)
+    size = pass_size(models, config, _side(box))
+    box = pass_box(box, size, masks_)
     with record_function("pass/crop"):
         crop, mask_crop = _pass_inputs(image, masks_, subject.name, box, size)
     if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
@@ -247,21 +248,16 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
 PASS_BOX_GROWTH = 1.05  # a box is grown to its pass size by at most this factor instead of being resized
 
 
-def pass_box(masks_: MaskSet, name: str, margin: float, size: int) -> tuple[int, int, int, int]:
-    """The square a pass of ``size`` crops: the subject's crop box, grown to ``size`` where that adds under 5 % (a
+def pass_box(box: tuple[int, int, int, int], size: int, masks_: MaskSet) -> tuple[int, int, int, int]:
+    """The square a pass of ``size`` crops: the subject's crop ``box``, grown to ``size`` where that adds under 5 % (a
     798 px box is cropped at 800 px rather than resized there and back); a smaller box is upscaled to the pass size,
     which draws its subject in more detail (in the world, more context instead was worse: README)."""
-    box = masks_.crop_box(name, margin)
     side = box[2] - box[0]
     if not side < size <= min(masks_.width, masks_.height, side * PASS_BOX_GROWTH):
         return box
     x0 = int(np.clip(box[0] - (size - side) // 2, 0, masks_.width - size))
     y0 = int(np.clip(box[1] - (size - side) // 2, 0, masks_.height - size))
     return x0, y0, x0 + size, y0 + size
-
-
-def _unet_multiple(models: ModelBundle) -> int:
-    return models.inpaint.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
 
 
 def _pass_inputs(image: Image.Image, masks_: MaskSet, name: str, box: tuple[int, int, int, int],
@@ -340,8 +336,9 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image 
 
     start = time.perf_counter()
     images = image if isinstance(image, list) else [image] * len(jobs)
-    size = max(pass_size(models, config, _side(masks_.crop_box(j.subject.name, config.region_margin))) for j in jobs)
-    boxes = [pass_box(masks_, j.subject.name, config.region_margin, size) for j in jobs]
+    boxes = [masks_.crop_box(j.subject.name, config.region_margin) for j in jobs]
+    size = max(pass_size(models, config, _side(box)) for box in boxes)
+    boxes = [pass_box(box, size, masks_) for box in boxes]
     with record_function("pass/crop"):
         inputs = [_pass_inputs(im, masks_, j.subject.name, box, size) for im, j, box in zip(images, jobs, boxes)]
     names = [j.subject.name for j in jobs] if adapter_names(models) else [None] * len(jobs)

@@ -107,11 +107,11 @@ def test_a_pass_box_grows_to_its_pass_size_only_by_a_rounding(layout):
     m = masks(layout, 1024, 1024, 8)
     box = m.crop_box("cat", 0.15)
     side = box[2] - box[0]
-    grown = hp.pass_box(m, "cat", 0.15, side + 2)
+    grown = hp.pass_box(box, side + 2, m)
     assert grown[2] - grown[0] == grown[3] - grown[1] == side + 2 and 0 <= grown[0] and grown[2] <= 1024
     assert grown[0] <= box[0] and box[2] <= grown[2] and grown[1] <= box[1] and box[3] <= grown[3]
-    assert hp.pass_box(m, "cat", 0.15, int(side * 1.3)) == box  # a small box is upscaled, not given more context
-    assert hp.pass_box(m, "cat", 0.15, side - 32) == box  # nor shrunk
+    assert hp.pass_box(box, int(side * 1.3), m) == box  # a small box is upscaled, not given more context
+    assert hp.pass_box(box, side - 32, m) == box  # nor shrunk
 
 
 def test_pictures_reach_the_pipeline_with_the_values_diffusers_computes_from_them():
