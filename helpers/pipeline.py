@@ -155,11 +155,12 @@ def blend_in_mask(base: Image.Image, patch: Image.Image, soft_mask: np.ndarray,
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1  # the mask's own extent inside the box
     p = np.asarray(patch)
     p = p[y0:y1, x0:x1] if patch.size == base.size else p
-    p = p[r0:r1, c0:c1].astype(np.float32)
     b = out[y0 + r0:y0 + r1, x0 + c0:x0 + c1]
     m = m[r0:r1, c0:c1, None]
-    mixed = np.clip(np.round(m * p + (1 - m) * b), 0, 255)
-    b[...] = np.where(m > 0, mixed, b).astype(np.uint8)
+    # m * p + (1 - m) * b rounded, in place; where m is 0 that is exactly b, so the whole extent is written
+    mixed = p[r0:r1, c0:c1] * m
+    mixed += (1 - m) * b
+    b[...] = np.clip(np.round(mixed, out=mixed), 0, 255, out=mixed).astype(np.uint8)
     return Image.fromarray(out)
 
 
@@ -417,9 +418,9 @@ def pass_candidates(models: ModelBundle, config: ProjectConfig, image: Image.Ima
 
 def _copy_region(image: Image.Image, picture: Image.Image, masks_: MaskSet, name: str, margin: float) -> Image.Image:
     x0, y0, x1, y1 = masks_.crop_box(name, margin)
-    touched = masks_.soft[name][y0:y1, x0:x1] > 0
+    touched = masks_.support[name][y0:y1, x0:x1, None]
     out = np.array(image)
-    out[y0:y1, x0:x1][touched] = np.asarray(picture)[y0:y1, x0:x1][touched]
+    np.copyto(out[y0:y1, x0:x1], np.asarray(picture)[y0:y1, x0:x1], where=touched)
     return Image.fromarray(out)
 
 
