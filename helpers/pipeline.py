@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from .adapters import (ALL_ADAPTERS, active_adapters, adapter_names, batchable, fused_adapter, generate, only_adapter,
@@ -176,13 +177,75 @@ def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int
     return int(min(config.resolution, max(side, config.subject_pass_min_size)))
 
 
+def focus_tokens(models: ModelBundle, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+    """(samples, 77): 1 at the token positions of sample ``i``'s ``words[i]`` in ``prompts[i]`` (both SDXL tokenizers
+    share one BPE vocabulary, so one tokenizer places them for both encoders)."""
+    tokenizer = models.txt2img.tokenizer
+    out = torch.zeros(len(prompts), tokenizer.model_max_length)
+    for i, (prompt, wanted) in enumerate(zip(prompts, words)):
+        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        for word in filter(None, wanted):
+            word_ids = tokenizer(word, add_special_tokens=False).input_ids
+            for start in range(len(ids) - len(word_ids) + 1):
+                if word_ids and ids[start:start + len(word_ids)] == word_ids:
+                    out[i, start:start + len(word_ids)] = 1
+    return out
+
+
+class _RegionCrossAttention:
+    """A cross-attention processor that adds a bias to the logits: ``+weight`` for the focus tokens of sample ``i`` at
+    the query positions inside its mask, ``-weight`` outside (the mask area-averaged to each level's size, so the
+    bias fades across the feather); the unconditional half of a guidance batch is left alone. Self-attention goes
+    through diffusers' own processor unchanged. The masks are pooled once per level on entry; a call only forms
+    the bias from them (plain tensor work, which a compiled UNet traces)."""
+
+    def __init__(self, mask: torch.Tensor, focus: torch.Tensor, weight: float):
+        height, width = mask.shape[-2:]
+        self.inside = {}  # queries of a level -> (samples, queries): the share of each query's pixels in the mask
+        for factor in (2 ** k for k in range(12)):
+            if height // factor and width // factor and height % factor == 0 and width % factor == 0:
+                pooled = torch.nn.functional.adaptive_avg_pool2d(mask, (height // factor, width // factor))
+                self.inside[height // factor * (width // factor)] = pooled.flatten(1)
+        self.focus, self.weight, self.plain = focus.to(mask.device), weight, AttnProcessor2_0()
+
+    def bias(self, queries: int, keys: int, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        inside = self.inside.get(queries)
+        if inside is None or keys != self.focus.shape[1] or batch % len(inside):
+            return None
+        bias = (self.weight * (2 * inside[:, :, None] - 1) * self.focus[:, None, :]).to(like.dtype)
+        halves = batch // len(inside)  # [negative..., positive...]: the bias on the positive half only
+        return torch.cat([torch.zeros_like(bias)] * (halves - 1) + [bias])
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None and attention_mask is None and hidden_states.ndim == 3:
+            attention_mask = self.bias(hidden_states.shape[1], encoder_hidden_states.shape[1],
+                                       hidden_states.shape[0], hidden_states)
+        return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+@contextmanager
+def region_attention(models: ModelBundle, mask: torch.Tensor, focus: torch.Tensor, weight: float) -> Iterator[None]:
+    """For the block, every cross-attention layer of the UNet biased towards ``focus`` inside ``mask``
+    (``_RegionCrossAttention``); the UNet's own processors are put back afterwards."""
+    unet = models.unet
+    before = unet.attn_processors
+    processor = _RegionCrossAttention(mask.float(), focus, weight)
+    unet.set_attn_processor({name: processor if name.endswith("attn2.processor") else proc
+                             for name, proc in before.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(before)
+
+
 def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image],
                     mask: Image.Image | list[Image.Image], strength: float, seed: int | list[int], size: int,
-                    **text) -> torch.Tensor:
+                    focus: torch.Tensor | None = None, **text) -> torch.Tensor:
     """The project's one inpainting call: ``image`` repainted inside ``mask`` at ``size``, steps and guidance from the
     config; ``text``: a prompt and negative prompt, or their embeddings. Lists make a batch, one seed per sample
-    (sample ``i`` draws its noise from its own generator, exactly as a call with that sample alone). Latents out
-    (decode with the NaN guard)."""
+    (sample ``i`` draws its noise from its own generator, exactly as a call with that sample alone). ``focus``
+    (``focus_tokens``): the words ``config.region_attention`` draws inside the mask. Latents out (decode with the
+    NaN guard)."""
     generator = [models.generator(s) for s in seed] if isinstance(seed, list) else models.generator(seed)
     if models.unet.config.in_channels == 4:
         # diffusers VAE-encodes the masked picture for every sample although only a 9-channel inpainting UNet reads
@@ -191,9 +254,12 @@ def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Ima
         text["masked_image_latents"] = torch.zeros(count, models.vae.config.latent_channels, side, side,
                                                    dtype=models.dtype, device=models.device)
     image, mask = _pixels(image, models.device), _pixels(mask, models.device)
-    return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
-                          num_inference_steps=config.effective_inpaint_steps,
-                          guidance_scale=config.guidance_scale, generator=generator, output_type="latent").images
+    with ExitStack() as during_call:
+        if focus is not None and config.region_attention > 0:
+            during_call.enter_context(region_attention(models, mask, focus, config.region_attention))
+        return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
+                              num_inference_steps=config.effective_inpaint_steps,
+                              guidance_scale=config.guidance_scale, generator=generator, output_type="latent").images
 
 
 def _pixels(pictures: Image.Image | list[Image.Image], device: torch.device) -> torch.Tensor:
@@ -236,8 +302,9 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
                                               [subject.token, subject.class_name], emphasis_weight)
             else:
                 text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
+        focus = focus_tokens(models, [prompt], [[subject.class_name]]) if config.region_attention > 0 else None
         with record_function("pass/inpaint"):
-            latents = inpaint_latents(models, config, crop, mask_crop, strength, seed, size, **text)
+            latents = inpaint_latents(models, config, crop, mask_crop, strength, seed, size, focus, **text)
     with record_function("pass/decode"):
         painted = models.decode(latents)[0]
     with record_function("pass/paste"):
@@ -352,9 +419,11 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image 
                                                 [j.subject.token, j.subject.class_name], j.emphasis_weight)
                          for j in jobs]
                 text = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        focus = focus_tokens(models, [j.prompt for j in jobs], [[j.subject.class_name] for j in jobs]) \
+            if config.region_attention > 0 else None
         with record_function("pass/inpaint"):
             latents = inpaint_latents(models, config, [c for c, _ in inputs], [m for _, m in inputs],
-                                      jobs[0].strength, [j.seed for j in jobs], size, **text)
+                                      jobs[0].strength, [j.seed for j in jobs], size, focus, **text)
     with record_function("pass/decode"):  # one at a time: a batch of 1024² decodes is the peak of the whole run
         painted = [models.decode(latents[i:i + 1])[0] for i in range(len(latents))]
     seconds = (time.perf_counter() - start) / len(jobs)

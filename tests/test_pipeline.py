@@ -366,3 +366,46 @@ def test_per_sample_adapters_route_the_base_model_too_and_leave_peft_as_it_was(t
     assert {owners for _, owners in spy.seen} == {("none", "cat")}
     assert torch.equal(before, after)
     assert not any("forward" in vars(m) for m in spy.layers)  # peft's own forward is back on every layer
+
+
+def test_region_attention_raises_only_the_subjects_words_inside_its_mask_in_the_guided_half():
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[0, :, :, :32] = 1  # sample 0's region: the left half; sample 1's: the right half
+    mask[1, :, :, 32:] = 1
+    focus = torch.zeros(2, 77)
+    focus[0, 2], focus[1, 3:5] = 1, 1
+    bias = hp._RegionCrossAttention(mask, focus, 4.0).bias(16, 77, 4, torch.zeros(1))  # a 4x4 level, guidance batch
+    assert bias.shape == (4, 16, 77)
+    assert not bias[:2].any()  # the unconditional half is left alone
+    grid = bias[2:].reshape(2, 4, 4, 77)
+    assert torch.equal(grid[0, :, :2, 2], torch.full((4, 2), 4.0)) and torch.equal(grid[0, :, 2:, 2],
+                                                                                      torch.full((4, 2), -4.0))
+    assert torch.equal(grid[1, :, 2:, 3:5], torch.full((4, 2, 2), 4.0)) and (grid[1, :, :2, 3:5] == -4).all()
+    assert not grid[0, ..., 3:].any() and not grid[1, ..., 2].any()  # every other word is left alone
+    assert hp._RegionCrossAttention(mask, focus, 4.0).bias(15, 77, 4, torch.zeros(1)) is None  # not a square level
+
+
+def test_focus_tokens_find_each_samples_own_words(tiny_models):
+    focus = hp.focus_tokens(tiny_models, ["a sks cat on grass", "a zwx mug on grass"], [["sks", "cat"], ["", "mug"]])
+    ids = tiny_models.txt2img.tokenizer("a sks cat on grass").input_ids
+    assert focus.shape == (2, tiny_models.txt2img.tokenizer.model_max_length)
+    assert focus[0].sum() >= 2 and focus[1].sum() >= 1
+    assert not focus[0, :1].any() and not focus[0, len(ids):].any()  # not the start token, not the padding
+
+
+def test_region_attention_changes_only_the_regions_and_puts_the_processors_back(tiny_models, tiny_config, trained,
+                                                                                 layout, result):
+    before = {name: type(p) for name, p in tiny_models.unet.attn_processors.items()}
+    seen = []
+    handle = tiny_models.unet.register_forward_pre_hook(
+        lambda m, args: seen.append({type(p).__name__ for n, p in m.attn_processors.items() if "attn2" in n}))
+    try:
+        steered = hp.coarse_to_fine(tiny_models, tiny_config.replace(region_attention=4.0), layout, seed=11)
+    finally:
+        handle.remove()
+    assert {type(p) for p in tiny_models.unet.attn_processors.values()} == set(before.values())
+    assert {"_RegionCrossAttention"} in seen and seen[0] != {"_RegionCrossAttention"}  # passes only, not Phase 0
+    assert np.array_equal(np.asarray(steered.coarse), np.asarray(result.coarse))
+    outside = ~np.logical_or.reduce(list(steered.masks.support.values()))
+    assert np.array_equal(np.asarray(steered.final)[outside], np.asarray(result.final)[outside])
+    assert not np.array_equal(np.asarray(steered.final), np.asarray(result.final))  # and the bias did change them
