@@ -15,7 +15,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from .adapters import (ALL_ADAPTERS, active_adapters, adapter_names, batchable, fused_adapter, generate, only_adapter,
@@ -206,6 +205,8 @@ class _RegionCrossAttention:
             if height // factor and width // factor and height % factor == 0 and width % factor == 0:
                 pooled = torch.nn.functional.adaptive_avg_pool2d(mask, (height // factor, width // factor))
                 self.inside[height // factor * (width // factor)] = pooled.flatten(1)
+        from diffusers.models.attention_processor import AttnProcessor2_0  # only when a pass turns it on
+
         self.focus, self.weight, self.plain = focus.to(mask.device), weight, AttnProcessor2_0()
 
     def bias(self, queries: int, keys: int, batch: int, like: torch.Tensor) -> torch.Tensor | None:
