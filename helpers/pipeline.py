@@ -45,13 +45,7 @@ def weighted_prompt_embeds(models: ModelBundle, prompt: str, negative_prompt: st
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, device=models.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
         negative_prompt=negative_prompt)
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    positions = set()
-    for word in emphasis:
-        word_ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
-        for start in range(len(ids) - len(word_ids) + 1):
-            if word_ids and ids[start:start + len(word_ids)] == word_ids:
-                positions.update(range(start, start + len(word_ids)))
+    positions = word_positions(pipe.tokenizer, prompt, emphasis)
     if positions and weight != 1.0:
         original_mean = embeds.float().mean()
         scale = torch.ones(embeds.shape[1], device=embeds.device, dtype=torch.float32)
@@ -60,6 +54,20 @@ def weighted_prompt_embeds(models: ModelBundle, prompt: str, negative_prompt: st
         embeds = (scaled * (original_mean / scaled.mean())).to(embeds.dtype)
     return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled)
+
+
+def word_positions(tokenizer, prompt: str, words: list[str]) -> set[int]:
+    """The token positions of every occurrence of each of ``words`` in ``prompt`` as the text encoders see it (start
+    token included, truncated to the tokenizer's length). Both SDXL tokenizers share one BPE vocabulary, so one
+    tokenizer places them for both encoders."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    positions = set()
+    for word in words:
+        word_ids = tokenizer(word, add_special_tokens=False).input_ids
+        for start in range(len(ids) - len(word_ids) + 1):
+            if word_ids and ids[start:start + len(word_ids)] == word_ids:
+                positions.update(range(start, start + len(word_ids)))
+    return positions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,17 +185,11 @@ def pass_size(models: ModelBundle, config: ProjectConfig, crop_side: int) -> int
 
 
 def focus_tokens(models: ModelBundle, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
-    """(samples, 77): 1 at the token positions of sample ``i``'s ``words[i]`` in ``prompts[i]`` (both SDXL tokenizers
-    share one BPE vocabulary, so one tokenizer places them for both encoders)."""
+    """(samples, 77): 1 at the token positions (``word_positions``) of sample ``i``'s ``words[i]`` in ``prompts[i]``."""
     tokenizer = models.txt2img.tokenizer
     out = torch.zeros(len(prompts), tokenizer.model_max_length)
     for i, (prompt, wanted) in enumerate(zip(prompts, words)):
-        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-        for word in filter(None, wanted):
-            word_ids = tokenizer(word, add_special_tokens=False).input_ids
-            for start in range(len(ids) - len(word_ids) + 1):
-                if word_ids and ids[start:start + len(word_ids)] == word_ids:
-                    out[i, start:start + len(word_ids)] = 1
+        out[i, sorted(word_positions(tokenizer, prompt, wanted))] = 1
     return out
 
 
