@@ -105,9 +105,9 @@ def active_adapters(models: ModelBundle) -> list[str]:
 
 
 @contextmanager
-def only_adapter(models: ModelBundle, name: str | None) -> Iterator[None]:
+def only_adapter(models: ModelBundle, name: str | None, scale: float = 1.0) -> Iterator[None]:
     """Exactly one subject's adapter active (``None``: none at all; ``ALL_ADAPTERS``: every loaded one) for the
-    duration of the block."""
+    duration of the block, at ``scale`` times its trained strength."""
     loaded = adapter_names(models)
     if name not in (None, ALL_ADAPTERS) and name not in loaded:
         raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {loaded or 'none'}); call "
@@ -119,11 +119,13 @@ def only_adapter(models: ModelBundle, name: str | None) -> Iterator[None]:
             else:
                 chosen = loaded if name == ALL_ADAPTERS else [name]
                 models.txt2img.enable_lora()
-                models.txt2img.set_adapters(chosen, adapter_weights=[1.0] * len(chosen))
+                models.txt2img.set_adapters(chosen, adapter_weights=[scale] * len(chosen))
         yield
     finally:
         if loaded:
             models.txt2img.enable_lora()
+            if name is not None and scale != 1.0:  # peft keeps a weight set this way: the next user expects 1
+                models.txt2img.set_adapters(chosen, adapter_weights=[1.0] * len(chosen))
 
 
 def lora_base_layers(models: ModelBundle) -> list[torch.nn.Module]:
@@ -146,9 +148,9 @@ def _is_plain_lora(layer, name: str) -> bool:
 
 
 @torch.no_grad()
-def _add_lora_deltas(layers: list, name: str) -> None:
-    """Every layer's weight += scaling * B @ A, as peft's ``merge`` computes it, but one batched matmul per group of
-    same-shaped layers instead of one Python round trip per layer (SDXL has 560 of them)."""
+def _add_lora_deltas(layers: list, name: str, scale: float = 1.0) -> None:
+    """Every layer's weight += scale * scaling * B @ A, as peft's ``merge`` computes it, but one batched matmul per
+    group of same-shaped layers instead of one Python round trip per layer (SDXL has 560 of them)."""
     groups: dict[tuple, list] = {}
     for m in layers:
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
@@ -158,7 +160,8 @@ def _add_lora_deltas(layers: list, name: str) -> None:
         b = torch.stack([m.lora_B[name].weight for m in members])
         compute = torch.float32 if a.device.type == "cpu" else a.dtype  # CPUs are slow at fp16 matmuls
         deltas = torch.bmm(b.to(compute), a.to(compute))
-        deltas *= torch.tensor([m.scaling[name] for m in members], dtype=compute, device=a.device)[:, None, None]
+        scalings = [scale * m.scaling[name] for m in members]
+        deltas *= torch.tensor(scalings, dtype=compute, device=a.device)[:, None, None]
         weights = [m.get_base_layer().weight for m in members]
         torch._foreach_add_(weights, [d.to(w.dtype) for d, w in zip(deltas.unbind(), weights)])
         del deltas
@@ -170,13 +173,13 @@ FUSED_MARK = "<fused>"
 
 
 @contextmanager
-def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
-    """Exactly ``name``'s LoRA merged into the UNet's base weights for the block, so a pass costs what a plain pass
-    costs (an unfused LoRA adds two small matmuls to every attention projection). Every LoRA layer is set the way
-    peft's own ``set_adapter`` and ``merge`` leave it (active adapter ``name``, marked merged), so peft computes no
-    LoRA branch on top and ``active_adapters`` names the subject; this is done on the layers directly because
-    diffusers' model-wide ``set_adapters``/``enable_lora`` walk all 12,570 SDXL modules (~40 ms each, several per
-    pass). Afterwards the base weights are restored bit for bit from a copy (subtracting the delta again would leave
+def fused_adapter(models: ModelBundle, name: str, scale: float = 1.0) -> Iterator[None]:
+    """Exactly ``name``'s LoRA (times ``scale``) merged into the UNet's base weights for the block, so a pass costs
+    what a plain pass costs (an unfused LoRA adds two small matmuls to every attention projection). Every LoRA layer
+    is set the way peft's own ``set_adapter`` and ``merge`` leave it (active adapter ``name``, marked merged), so peft
+    computes no LoRA branch on top and ``active_adapters`` names the subject; this is done on the layers directly
+    because diffusers' model-wide ``set_adapters``/``enable_lora`` walk all 12,570 SDXL modules (~40 ms each, several
+    per pass). Afterwards the base weights are restored bit for bit from a copy (subtracting the delta again would leave
     fp16 rounding residue that builds up pass after pass) and every layer's previous state is put back."""
     if name not in adapter_names(models):
         raise MissingLoraError(f"adapter {name!r} is not loaded (loaded: {adapter_names(models) or 'none'}); call "
@@ -184,7 +187,7 @@ def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
     layers = _lora_layers(models)
     holding = [m for m in layers if name in m.lora_A]
     if not all(_is_plain_lora(m, name) for m in holding):  # DoRA and friends: let diffusers/peft merge them
-        with only_adapter(models, name), _diffusers_fused(models, name):
+        with only_adapter(models, name), _diffusers_fused(models, name, scale):
             yield
         return
     saved = [(m._active_adapter, m._disable_adapters) for m in layers]
@@ -192,7 +195,7 @@ def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
         m._active_adapter, m._disable_adapters = [name], name not in m.lora_A
     weights = [m.get_base_layer().weight for m in holding]
     originals = [w.detach().clone() for w in weights]
-    _add_lora_deltas(holding, name)
+    _add_lora_deltas(holding, name, scale)
     for m in holding:
         m.merged_adapters.append(FUSED_MARK)
     try:
@@ -207,23 +210,27 @@ def fused_adapter(models: ModelBundle, name: str) -> Iterator[None]:
 
 
 @contextmanager
-def _diffusers_fused(models: ModelBundle, name: str) -> Iterator[None]:
+def _diffusers_fused(models: ModelBundle, name: str, scale: float = 1.0) -> Iterator[None]:
     """``fuse_lora``/``unfuse_lora`` with the base weights restored exactly from a copy (the general path)."""
     layers = lora_base_layers(models)
     originals = [layer.weight.detach().clone() for layer in layers]
-    models.txt2img.fuse_lora(components=["unet"], adapter_names=[name], lora_scale=1.0)
+    scalings = [(m, dict(m.scaling)) for m in _lora_layers(models)]  # fuse_lora leaves its lora_scale in them
+    models.txt2img.fuse_lora(components=["unet"], adapter_names=[name], lora_scale=scale)
     try:
         yield
     finally:
         models.txt2img.unfuse_lora(components=["unet"])
+        for m, scaling in scalings:
+            m.scaling.update(scaling)
         with torch.no_grad():
             for layer, weight in zip(layers, originals):
                 layer.weight.copy_(weight)
 
 
 @contextmanager
-def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterator[None]:
-    """Sample ``i`` of every UNet call in the block sees only adapter ``names[i]`` (None: the base model).
+def per_sample_adapters(models: ModelBundle, names: list[str | None], scale: float = 1.0) -> Iterator[None]:
+    """Sample ``i`` of every UNet call in the block sees only adapter ``names[i]`` (None: the base model), at ``scale``
+    times its trained strength.
 
     For the block every LoRA layer's forward is its base layer's output plus, per sample, that sample's own low-rank
     delta: ``x @ A_i @ B_i * scaling`` as two batched matmuls over the samples, with the per-sample A and B
@@ -242,7 +249,7 @@ def per_sample_adapters(models: ModelBundle, names: list[str | None]) -> Iterato
                          "batch_subject_passes='off'")
     with torch.no_grad():
         for layer in layers:  # the layer's own forward, for the block: base output + each sample's own delta
-            layer._sample_a, layer._sample_b = _per_sample_weights(layer, names)
+            layer._sample_a, layer._sample_b = _per_sample_weights(layer, names, scale)
             if "_per_sample_forward" not in vars(layer):  # made once: a compiled UNet keeps its graph
                 layer._per_sample_forward = MethodType(_per_sample_forward, layer)
             layer.forward = layer._per_sample_forward
@@ -260,7 +267,8 @@ def batchable(models: ModelBundle, names: list[str | None]) -> bool:
     return all(_is_plain_lora(m, n) for m in _lora_layers(models) for n in set(names) if n in m.lora_A)
 
 
-def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _per_sample_weights(layer, names: list[str | None],
+                        scale: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(2 x samples, in, rank) and (2 x samples, rank, out): sample i's A and B * scaling (zeros for the base model
     or an adapter this layer lacks), repeated once for classifier-free guidance's [negative..., positive...] batch
     (its first half is the batch without guidance); None when no sample has a delta here."""
@@ -275,7 +283,7 @@ def _per_sample_weights(layer, names: list[str | None]) -> tuple[torch.Tensor | 
         if n in held:
             a, b = layer.lora_A[n].weight, layer.lora_B[n].weight  # (rank, in), (out, rank)
             a_sel[i, :, :a.shape[0]] = a.T.to(weight.dtype)
-            b_sel[i, :b.shape[1], :] = (b.T * layer.scaling[n]).to(weight.dtype)
+            b_sel[i, :b.shape[1], :] = (b.T * (scale * layer.scaling[n])).to(weight.dtype)
     return a_sel.repeat(2, 1, 1), b_sel.repeat(2, 1, 1)
 
 

@@ -138,6 +138,11 @@ class ProjectConfig:
     # but costs identity with the subject LoRAs (-0.051 +- 0.021 after QA): world_ablation_cpu_2026-12-04_e.md
     region_attention: float = setting(0.0, "generation", low=0.0)
     feather_px: int = setting(0, "generation", low=0)  # 0: derived from the resolution (resolution // 32)
+    # a subject pass applies its LoRA at this multiple of its trained strength (diffusers' ``lora_scale``)
+    subject_lora_scale: float = setting(1.0, "generation", above=0.0)
+    # a subject pass also has every other class of ``class_vocabulary`` in its negative prompt
+    # (pipeline.pass_negative_prompt)
+    pass_negative_classes: bool = setting(False, "generation")
     fuse_subject_lora: bool = setting(True, "generation")  # merge the subject's LoRA into the UNet for its pass
     # subject passes as one batched call, each sample with only its own LoRA (pipeline.pass_batches): "disjoint"
     # batches passes whose crops do not overlap (same pixels as sequential), "all" every pass of one strength (each
@@ -179,6 +184,9 @@ class ProjectConfig:
     # refinements per failing subject; in the world 4 instead of 2 left 0.27 instead of 0.35 of the subjects faded
     # (paired -0.083 +- 0.043) for 59 % more refinement passes. The tiny plumbing profile keeps 2 (its runs are tests)
     max_retries: int = setting(4, "qa", low=0, tiny=2)
+    # candidates per failing subject and round, each from its own seed, the best kept (a round's refinement passes
+    # run batched): more tries per round for the same number of rounds
+    qa_candidates: int = setting(1, "qa", low=1)
     refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
     # a region that does not show its subject's class at all is painted anew at this strength (the first pass's
     # 0.85 keeps some of what is there: in an empty region, the background)

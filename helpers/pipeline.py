@@ -294,17 +294,18 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
         switch = only_adapter(models, None)
     else:  # raises MissingLoraError when this subject's adapter is not loaded
-        switch = (fused_adapter if config.fuse_subject_lora else only_adapter)(models, subject.name)
+        switch = (fused_adapter if config.fuse_subject_lora else only_adapter)(models, subject.name,
+                                                                               config.subject_lora_scale)
     with ExitStack() as during_pass, torch.no_grad():
         with record_function("pass/adapter-switch"):
             during_pass.enter_context(switch)
         adapters_during_pass = active_adapters(models)
         with record_function("pass/prompt"):
             if emphasis_weight != 1.0:
-                text = weighted_prompt_embeds(models, prompt, config.negative_prompt,
+                text = weighted_prompt_embeds(models, prompt, pass_negative_prompt(config, subject),
                                               [subject.token, subject.class_name], emphasis_weight)
             else:
-                text = dict(prompt=prompt, negative_prompt=config.negative_prompt)
+                text = dict(prompt=prompt, negative_prompt=pass_negative_prompt(config, subject))
         focus = focus_tokens(models, [prompt], [[subject.class_name]]) if config.region_attention > 0 else None
         with record_function("pass/inpaint"):
             latents = inpaint_latents(models, config, crop, mask_crop, strength, seed, size, focus, **text)
@@ -360,6 +361,13 @@ class PassJob:
     emphasis_weight: float = 1.0
 
 
+def pass_negative_prompt(config: ProjectConfig, subject: Subject) -> str:
+    """A subject pass's negative prompt: the configured one, plus (``pass_negative_classes``) every other class the
+    scorer knows, so the region draws its own class rather than a neighbouring one."""
+    others = [c for c in config.presence_classes() if c != subject.class_name] if config.pass_negative_classes else []
+    return ", ".join(filter(None, [config.negative_prompt, *others]))
+
+
 def _side(box: tuple[int, int, int, int]) -> int:
     return box[2] - box[0]
 
@@ -413,12 +421,13 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image 
     with record_function("pass/crop"):
         inputs = [_pass_inputs(im, masks_, j.subject.name, box, size) for im, j, box in zip(images, jobs, boxes)]
     names = [j.subject.name for j in jobs] if adapter_names(models) else [None] * len(jobs)
-    with per_sample_adapters(models, names), torch.no_grad():
+    with per_sample_adapters(models, names, config.subject_lora_scale), torch.no_grad():
         with record_function("pass/prompt"):
             if all(j.emphasis_weight == 1.0 for j in jobs):
-                text = dict(prompt=[j.prompt for j in jobs], negative_prompt=[config.negative_prompt] * len(jobs))
+                text = dict(prompt=[j.prompt for j in jobs],
+                            negative_prompt=[pass_negative_prompt(config, j.subject) for j in jobs])
             else:
-                parts = [weighted_prompt_embeds(models, j.prompt, config.negative_prompt,
+                parts = [weighted_prompt_embeds(models, j.prompt, pass_negative_prompt(config, j.subject),
                                                 [j.subject.token, j.subject.class_name], j.emphasis_weight)
                          for j in jobs]
                 text = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -180,23 +180,25 @@ def qa_loop(models: ModelBundle, result: GenerationResult, config: ProjectConfig
         if not failing:
             break
         t0 = time.perf_counter()
-        jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, attempt), best[s.name][0])
-                for index, s in failing]
+        per_round = config.qa_candidates  # passes are numbered on across rounds (with 1 candidate: the round)
+        planned = [(index, s, (attempt - 1) * per_round + j + 1)  # subjects alternate: a batch per candidate
+                   for j in range(per_round) for index, s in failing]
+        jobs = [refinement_job(config, prompts, s, subject_seed(result.seed, index, number), best[s.name][0])
+                for index, s, number in planned]
         start_from = _with_phase0_where_setting_broke(result, _with_best(result, config, best),
                                                       [s.name for _, s in failing if best[s.name][0].setting_broken])
         candidates = pass_candidates(models, config, start_from, result.masks, jobs)
         seconds = (time.perf_counter() - t0) / len(jobs)
-        for job, (candidate, _) in zip(jobs, candidates):
+        for (_, subject, number), job, (candidate, _) in zip(planned, jobs, candidates):
             t1 = time.perf_counter()
-            subject = job.subject
-            attempts[subject.name] = attempt
+            attempts[subject.name] = number
             cand_score = score_subject(scorer, candidate, result, subject, thresholds[subject.name], classes,
                                        config.qa_setting_rule)
             if cand_score.rank() > best[subject.name][0].rank():
-                best[subject.name] = (cand_score, candidate, attempt)
+                best[subject.name] = (cand_score, candidate, number)
             decision = ("pass" if cand_score.passed else "retry" if attempt < config.max_retries else "give up")
             decision += f"; best so far: attempt {best[subject.name][2]}"
-            outcome.log.append(_log_entry(subject, attempt, job.seed, cand_score, decision,
+            outcome.log.append(_log_entry(subject, number, job.seed, cand_score, decision,
                                           seconds + time.perf_counter() - t1))
     for subject in subjects:
         score, _, attempt = best[subject.name]
@@ -258,8 +260,8 @@ def loop_invariants(outcome: QAOutcome, config: ProjectConfig) -> dict[str, bool
     facts["only failing subjects were refined"] = all(
         entries[0]["passed"] or len(entries) > 1 for entries in by_subject.values()) and all(
         len(entries) == 1 for entries in by_subject.values() if entries[0]["passed"])
-    facts["never more than max_retries refinements"] = all(
-        len(entries) - 1 <= config.max_retries for entries in by_subject.values())
+    facts["never more than max_retries refinements"] = all(  # rounds; qa_candidates passes each
+        len(entries) - 1 <= config.max_retries * config.qa_candidates for entries in by_subject.values())
     facts["the kept attempt is the best logged"] = all(
         max(entries, key=lambda e: (e["passed"], e["class_present"], not e.get("setting_broken", False),
                                     e["identity"]))["attempt"]

@@ -181,6 +181,39 @@ def test_the_batched_merge_equals_diffusers_fuse_lora(tiny_models, trained):
     assert any(not torch.equal(a, layer.weight) for a, layer in zip(ours, layers))  # the merge did change weights
 
 
+def test_a_subject_lora_scale_multiplies_its_delta_in_every_path_and_is_not_kept(tiny_models, trained):
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in tiny_models.unet.modules() if isinstance(m, LoraLayer) and "cat" in m.lora_A]
+    before = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    with ha.fused_adapter(tiny_models, "cat", 1.5):
+        ours = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    for layer, weight, merged in zip(layers, before, ours):
+        assert torch.allclose(merged, weight + 1.5 * layer.get_delta_weight("cat"), atol=1e-6)
+    with ha.only_adapter(tiny_models, "cat"), ha._diffusers_fused(tiny_models, "cat", 1.5):
+        theirs = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours, theirs))
+    for layer in layers:  # the batched path: each sample's B carries the scale
+        assert torch.allclose(ha._per_sample_weights(layer, ["cat"], 1.5)[1],
+                              1.5 * ha._per_sample_weights(layer, ["cat"])[1])
+    trained_scaling = [layer.scaling["cat"] for layer in layers]
+    with ha.only_adapter(tiny_models, "cat", 1.5):  # the unfused path: peft's own scaling
+        assert [layer.scaling["cat"] for layer in layers] == pytest.approx([1.5 * s for s in trained_scaling])
+    assert [layer.scaling["cat"] for layer in layers] == pytest.approx(trained_scaling)
+    with ha.fused_adapter(tiny_models, "cat"):  # nothing of the scale stayed behind
+        again = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    for layer, weight, merged in zip(layers, before, again):
+        assert torch.allclose(merged, weight + layer.get_delta_weight("cat"), atol=1e-6)
+
+
+def test_a_pass_can_name_every_other_known_class_as_negative(tiny_config):
+    cat = tiny_config.subject("cat")
+    assert hp.pass_negative_prompt(tiny_config, cat) == tiny_config.negative_prompt
+    config = tiny_config.replace(pass_negative_classes=True, class_vocabulary=["cat", "mug", "tree"])
+    assert hp.pass_negative_prompt(config, cat) == f"{config.negative_prompt}, mug, tree"
+    assert hp.pass_negative_prompt(config.replace(negative_prompt=""), cat) == "mug, tree"
+
+
 def test_a_pass_runs_at_its_crops_size_between_the_floor_and_the_resolution(tiny_models, tiny_config):
     config = tiny_config.replace(resolution=256, subject_pass_min_size=96)
     assert hp.pass_size(tiny_models, config, 200) == 208  # rounded up to what the UNet divides (16 px here)

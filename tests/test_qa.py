@@ -84,6 +84,16 @@ def test_exactly_the_failing_subjects_are_refined(run_loop, base_result):
     assert np.array_equal(np.asarray(outcome.final)[outside_mug], np.asarray(base_result.final)[outside_mug])
 
 
+def test_several_candidates_per_round_each_get_a_seed_and_the_best_is_kept(run_loop):
+    outcome, refinements = run_loop({"cat": [0.1, 0.3, 0.4, 0.35, 0.2], "mug": [0.9]}, max_retries=2,
+                                    qa_candidates=2)
+    assert [r[0] for r in refinements] == ["cat"] * 4  # 2 rounds x 2 candidates
+    assert len({r[1] for r in refinements}) == 4
+    assert outcome.summary["cat"]["refinements"] == 4  # passes, as the re-rolls get them
+    assert outcome.summary["cat"]["kept_attempt"] == 2 and outcome.summary["cat"]["after"] == 0.4
+    assert [e["attempt"] for e in outcome.log if e["subject"] == "cat"] == [0, 1, 2, 3, 4]
+
+
 def test_refinement_passes_run_with_only_the_refined_subjects_adapter(run_loop, tiny_config, unet_spy):
     outcome, refinements = run_loop({"cat": [0.1, 0.2], "mug": [0.9]}, max_retries=2)
     assert [r[0] for r in refinements] == ["cat", "cat"]
