@@ -33,8 +33,8 @@ for i in "${!pids[@]}"; do
     echo "$label: done after $((SECONDS - start)) s"
   else
     echo "$label: failed"; tail -5 "$WORK/$label.log"
+    cp "$WORK/$label.log" "$OUT/$label.log" 2>/dev/null || true  # only a failure's log: every file counts
   fi
-  cp "$WORK/$label.log" "$OUT/$label.log" 2>/dev/null || true
 done
 args=()
 for label in "${done_labels[@]:1}"; do args+=("$label=$OUT/$label"); done

@@ -11,7 +11,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -361,11 +361,16 @@ class PassJob:
     emphasis_weight: float = 1.0
 
 
+def negative_with_classes(config: ProjectConfig, classes: Iterable[str]) -> str:
+    """The configured negative prompt followed by each of ``classes`` once."""
+    return ", ".join(filter(None, [config.negative_prompt, *dict.fromkeys(classes)]))
+
+
 def pass_negative_prompt(config: ProjectConfig, subject: Subject) -> str:
     """A subject pass's negative prompt: the configured one, plus (``pass_negative_classes``) every other class the
     scorer knows, so the region draws its own class rather than a neighbouring one."""
     others = [c for c in config.presence_classes() if c != subject.class_name] if config.pass_negative_classes else []
-    return ", ".join(filter(None, [config.negative_prompt, *others]))
+    return negative_with_classes(config, others)
 
 
 def _side(box: tuple[int, int, int, int]) -> int:
@@ -521,8 +526,7 @@ def remove_ghosts(models: ModelBundle, config: ProjectConfig, scene: Image.Image
     """Phase 0's own objects of a subject's class outside every region, painted over with the scene's setting (base
     model, the subjects' classes as negative prompt), at most ``ghost_cleanup_rounds`` rounds; the regions
     themselves are left to the subject passes. Returns the cleaned scene and the boxes painted over."""
-    negative = ", ".join(filter(None, [config.negative_prompt,
-                                       *dict.fromkeys(s.class_name for s in config.subjects)]))
+    negative = negative_with_classes(config, (s.class_name for s in config.subjects))
     removed: list[list[int]] = []
     for round_ in range(config.ghost_cleanup_rounds):
         boxes = find_ghosts(scene, masks_)

@@ -15,7 +15,7 @@ from helpers.config import PROJECT_ROOT
 
 # a small world evaluation: its real models, short LoRA training and few steps, so that CI stays quick
 ARGS = ["evaluate", "--profile", "world", "--scenes", "1", "--device", "cpu", "-p", "train_steps", "8", "-p", "steps",
-        "6", "-p", "max_retries", "1"]
+        "6", "-p", "max_retries", "1", "-p", "qa_candidates", "1"]
 TIMINGS = {"seconds"}  # the only column that differs between runs: wall-clock time
 # accelerate's multi-process launcher (torchrun underneath); with --device cpu the processes talk over gloo. Its
 # --cpu flag instead expects mpirun for more than one process.
