@@ -184,8 +184,8 @@ class ProjectConfig:
     # refinement rounds per failing subject, each with ``qa_candidates`` passes from their own seeds (batched), the best
     # kept. In the world (NVIDIA H200, development seeds 20,000+, world_ablation_h200_2026-12-04_g.md) 8 rounds x 3
     # left 0.094 of the subjects faded instead of 0.260 with 4 x 1 (paired -0.167 +- 0.091), class presence 1.00, for
-    # 1.8x the time of a picture; a subject that passes early costs nothing more. The tiny plumbing profile keeps 2 x 1 (its runs
-    # are tests)
+    # 1.8x the time of a picture; a subject that passes early costs nothing more. The tiny plumbing profile keeps
+    # 2 x 1 (its runs are tests)
     max_retries: int = setting(8, "qa", low=0, tiny=2)
     qa_candidates: int = setting(3, "qa", low=1, tiny=1)
     refine_strength: float = setting(0.65, "qa", above=0.0, high=1.0)
@@ -311,7 +311,8 @@ class ProjectConfig:
                 f"subjects: {subjects}\n"
                 f"train: steps={self.train_steps} rank={self.lora_rank} lr={self.learning_rate:g}\n"
                 f"qa: mode={self.qa_threshold_mode} threshold={self.qa_pass_threshold} "
-                f"max_retries={self.max_retries} refine_strength={self.refine_strength}")
+                f"max_retries={self.max_retries} candidates={self.qa_candidates} "
+                f"refine_strength={self.refine_strength}")
 
     # -- plain-data conversion ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
