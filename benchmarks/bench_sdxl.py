@@ -145,15 +145,20 @@ def bench_generation(models, config, rows: dict, info: dict) -> None:
                                                              two.refine_strength,
                                                              emphasis_weight=two.prompt_boost), 2)[::2]
     info["profile_of_one_pass"] = profile_pass(lambda: one_pass(two), plain_inpaint(pass_side))
-    bench_ghosts_and_qa(models, two, layout, rows, info)
 
 
-def bench_ghosts_and_qa(models, two, layout, rows: dict, info: dict) -> None:
+def bench_ghosts_and_qa(models, config, rows: dict, info: dict) -> None:
     """The issue-19 paths at full size: Phase 0's ghost cleanup (a scripted finder names one ghost, so exactly one
     full-size cleanup inpaint runs) and the QA loop with its class rule (open_clip ViT-H-14, random weights: every
-    rule is evaluated on 1024² own-pixel crops; what it decides means nothing)."""
+    rule is evaluated on 1024² own-pixel crops; what it decides means nothing), then its worst case: thresholds no
+    score reaches, so both subjects fail every round and every candidate is painted and scored."""
     from helpers import qa as hq
     from helpers.scoring import ClipScorer
+
+    size = config.resolution
+    layout = default_layout(config.subject_names[:2], size, size)
+    two = config.replace(subjects=config.subjects[:2])
+    models.txt2img.enable_lora()
 
     def one_ghost():
         calls = []
@@ -176,6 +181,11 @@ def bench_ghosts_and_qa(models, two, layout, rows: dict, info: dict) -> None:
     rows["QA loop, 2 subjects (class, identity, leak rules; refinements as decided)"] = timed(
         lambda: hq.qa_loop(models, result, two, scorer, thresholds), 2)[::2]
     info["qa_refinements_per_loop"] = sum(s["refinements"] for s in outcome.summary.values())
+    unreachable = {name: 2.0 for name in two.subject_names}  # identity is a cosine: at most 1
+    worst = hq.qa_loop(models, result, two, scorer, unreachable)  # its batch shapes warmed up
+    info["qa_worst_case_refinements"] = sum(s["refinements"] for s in worst.summary.values())
+    rows[f"QA loop worst case, 2 subjects x {two.max_retries} rounds x {two.qa_candidates} candidates"] = timed(
+        lambda: hq.qa_loop(models, result, two, scorer, unreachable), 1)[::2]
 
 
 def bench_batched(models, config, rows: dict, seeds: list[int] | None = None, repeat: int = 3,
@@ -351,7 +361,7 @@ def main() -> int:
     parser.add_argument("--batch4-inpaint-steps", default="",
                         help="comma list of other inpaint_steps to time the batch-4 2-subject batched row at")
     parser.add_argument("--skip", default="",
-                        help="comma list of: generation,batched,batch4,profile4,training,compile,compile4")
+                        help="comma list of: generation,qa,batched,batch4,profile4,training,compile,compile4")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -391,6 +401,8 @@ def main() -> int:
     sections = []
     if "generation" not in skip:
         sections.append(lambda: bench_generation(models, config, rows, info))
+    if "qa" not in skip:
+        sections.append(lambda: bench_ghosts_and_qa(models, config, rows, info))
     if "batched" not in skip:
         sections.append(lambda: bench_batched(models, config, rows))
     if "batch4" not in skip:

@@ -215,7 +215,8 @@ def evaluate_run(models: ModelBundle, config: ProjectConfig, layout: Layout, jud
 
 
 # bumped whenever a measure or the method's pictures change, so stored runs are remade rather than mixed in
-RESULTS_VERSION = 2  # 2: split-world by the share of the scene's background; the QA loop in rounds
+RESULTS_VERSION = 3  # 2: split-world by the share of the scene's background; the QA loop in rounds; 3: a region's
+# object located as the box around every area that differs (a patterned object is one object)
 
 
 def evaluation_fingerprint(config: ProjectConfig, layout: Layout) -> str:

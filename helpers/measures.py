@@ -4,7 +4,8 @@ the judgements the report makes of a picture (class presence, ghost objects, spl
 A region's crop box holds much of its neighbour, so nothing here scores a box: a subject's *own pixels* are its mask's
 support minus every other subject's support, and everything else in its crop is painted with the scene's background
 colour (the median of the picture's border outside all regions). Objects are located as the connected areas that
-differ from that colour, then named by the scorer among a class vocabulary (zero-shot: "a cat", "a mug", ...).
+differ from that colour (a region's one object: the box around all of them), then named by the scorer among a class
+vocabulary (zero-shot: "a cat", "a mug", ...).
 One code path for every profile; ``tests/test_measures.py`` checks each judgement on rendered scenes whose truth is
 known. The light of a region needs its subject's true colours, which only the world knows (``world.LightJudge``).
 """
@@ -105,9 +106,14 @@ def locate_objects(image: Image.Image, min_fraction: float = OBJECT_MIN_FRACTION
 
 
 def locate_object(image: Image.Image, threshold: float = DIFFERS) -> tuple[int, int, int, int] | None:
-    """The box of the largest area that differs from the background, or None."""
+    """The box around every area that differs from the background, or None: the picture (a region's crop) holds one
+    object, and a patterned object falls apart at the threshold where its stripes or dots come near the background's
+    colour (the largest area alone was one stripe of a striped mug; on rendered truth that misnamed 6 % of objects)."""
     boxes = locate_objects(image, threshold=threshold)
-    return boxes[0] if boxes else None
+    if not boxes:
+        return None
+    x0, y0, x1, y1 = np.array(boxes).T
+    return int(x0.min()), int(y0.min()), int(x1.max()), int(y1.max())
 
 
 def object_crop(image: Image.Image, box: tuple[int, int, int, int], margin: float = 0.15) -> Image.Image:

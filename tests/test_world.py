@@ -117,6 +117,7 @@ def test_gate_scorer_zero_shot_on_held_out_objects(world_scorer):
     accuracy = we.scorer_accuracy(world_scorer, n=200)
     print({k: str(v) for k, v in accuracy.items()})
     assert accuracy["class"].rate >= 0.95 and accuracy["color"].rate >= 0.90
+    assert accuracy["class_located"].rate >= 0.90  # the object located in the whole picture, then named
 
 
 def test_gate_generator_draws_the_prompted_class_and_colour(world_config, world_models, world_scorer):
@@ -126,14 +127,15 @@ def test_gate_generator_draws_the_prompted_class_and_colour(world_config, world_
 
 
 def test_the_inpainting_measure_confirms_rendered_truth(world_config, world_scorer, capsys):
-    """The inpainting gate's measure (class of the object located on the region's own pixels) on its own cases with
-    an object of the class rendered in the region: the ceiling of what the gate can confirm (88.0 % over 40 seeds:
-    objects in the background's colour cannot be located). The model's own rate is reported by
-    ``python -m helpers.world.evaluate`` (52.5 %, below the 85 % the method would need; not gated)."""
+    """The scorer names the object located on a region's own pixels (the inpainting gate's measure, and class
+    presence everywhere) on the gate's own cases with an object of the class rendered in the region: 94.2 % over 40
+    seeds, 92.8 % on 40 others (a green object on grass or a black one under the night sky cannot be located). The
+    model's own rate is reported by ``python -m helpers.world.evaluate`` (42.5 %, below the 85 % the method would
+    need; not gated)."""
     truth = we.inpaint_measure_on_truth(world_config, world_scorer, seeds=16)
     with capsys.disabled():
         print(f"\ninpainting measure on rendered truth: {truth['all']}")
-    assert truth["all"].rate >= 0.80 and min(a.rate for a in truth.values()) >= 0.75, truth
+    assert truth["all"].rate >= 0.90 and min(a.rate for a in truth.values()) >= 0.85, truth
 
 
 def test_gate_vae_reconstructs_held_out_renders(world_models):
