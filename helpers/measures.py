@@ -108,7 +108,8 @@ def locate_objects(image: Image.Image, min_fraction: float = OBJECT_MIN_FRACTION
 def locate_object(image: Image.Image, threshold: float = DIFFERS) -> tuple[int, int, int, int] | None:
     """The box around every area that differs from the background, or None: the picture (a region's crop) holds one
     object, and a patterned object falls apart at the threshold where its stripes or dots come near the background's
-    colour (the largest area alone was one stripe of a striped mug; on rendered truth that misnamed 6 % of objects)."""
+    colour (the largest area alone was one stripe of a striped mug; on rendered truth the object of a region was named
+    right in 88 % with it, 94 % with the box around every area: README, "A region's object is one object")."""
     boxes = locate_objects(image, threshold=threshold)
     if not boxes:
         return None
@@ -131,7 +132,8 @@ def zero_shot(scorer, image: Image.Image, texts: list[str]) -> int:
 
 
 def name_object(scorer, image: Image.Image, classes: list[str]) -> str | None:
-    """The class of the largest object located in ``image``, or None when nothing stands out from the background."""
+    """The class of the object located in ``image`` (``locate_object``), or None when nothing stands out from the
+    background."""
     box = locate_object(image)
     if box is None:
         return None

@@ -109,7 +109,7 @@ class ClipScorer:
         return torch.cat([self._text_embeddings[t] for t in texts])
 
     def name_class(self, image: Image.Image, classes: list[str]) -> str | None:
-        """The class (among ``classes``) of the largest object located in ``image``; None when nothing stands out."""
+        """The class (among ``classes``) of the object located in ``image``; None when nothing stands out."""
         return name_object(self, image, classes)
 
     def reference_similarity(self, subject: str) -> float:

@@ -191,3 +191,14 @@ def test_split_world_fires_on_a_foreign_background_and_not_on_the_scenes_own(lay
 
 def test_the_class_vocabulary_of_the_world_is_its_classes():
     assert make_config("world").class_vocabulary == list(world.CLASSES)
+
+
+def test_a_striped_object_is_located_whole_even_where_its_light_stripes_match_the_background():
+    """Stripes of the wall's own colour cut the object into bands; the located box still holds all of them."""
+    pixels = np.full((64, 64, 3), (230, 215, 180), np.uint8)  # a light wall
+    for row in range(16, 48):
+        pixels[row, 20:44] = (130, 60, 170) if (row // 3) % 2 == 0 else (230, 215, 180)
+    ys = [row for row in range(64) if (pixels[row] != (230, 215, 180)).any()]  # five purple bands
+    assert ms.locate_object(Image.fromarray(pixels)) == (20, min(ys), 44, max(ys) + 1)
+    assert len(ms.locate_objects(Image.fromarray(pixels))) == 5  # each band alone is what the largest area gave
+    assert ms.locate_object(Image.fromarray(np.full((64, 64, 3), 90, np.uint8))) is None
