@@ -28,7 +28,9 @@ for k, v in we.inpaint_accuracy(models, config, scorer, seeds=8).items(): print(
   start=$(date +%s)
   read -r -a more <<< "${EXTRA:-}"
   extra+=("${more[@]}")
-  if [ -n "${CARRY:-}" ] && [ -d "$CARRY/$name" ]; then mkdir -p "/tmp/ev/$name" && cp -r "$CARRY/$name/." "/tmp/ev/$name/"; fi
+  if [ -n "${CARRY:-}" ] && [ -d "$CARRY/$name" ]; then
+    mkdir -p "/tmp/ev/$name" && cp -r "$CARRY/$name/." "/tmp/ev/$name/"
+  fi
   if [ "${CELLS:-1}" -gt 1 ]; then
     python3 -m helpers train --profile world --out "/tmp/ev/$name" --device cuda "${extra[@]}" > "$OUT/$name.log" 2>&1
     for rank in $(seq 0 $((CELLS - 1))); do
@@ -36,10 +38,12 @@ for k, v in we.inpaint_accuracy(models, config, scorer, seeds=8).items(): print(
         "${extra[@]}" >> "$OUT/$name.cells.log" 2>&1 &
     done
     wait || true
-    made=$(ls /tmp/ev/$name/runs/*.json | wc -l)
+    made=$(ls "/tmp/ev/$name"/runs/*.json 2>/dev/null | wc -l)
     echo "$name: $made cells after $(( $(date +%s) - start )) s" | tee -a "$OUT/timing.txt"
-    if [ "$made" -lt 96 ]; then  # unfinished: bring the cells back to carry into the next call
-      for k in 0 1 2; do (cd "/tmp/ev/$name" && tar cf "$OUT/$name.runs$k.tar" runs/scene${k}_* 2>/dev/null || true); done
+    if [ "$made" -lt 96 ]; then  # of 3 scenes x 32 seeds; unfinished: the cells come back to carry into the next call
+      for k in 0 1 2; do
+        (cd "/tmp/ev/$name" && tar cf "$OUT/$name.runs$k.tar" runs/scene${k}_* 2>/dev/null || true)
+      done
       continue
     fi
   fi
