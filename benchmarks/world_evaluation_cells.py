@@ -16,13 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import evaluation as he  # noqa: E402
-from helpers.adapters import load_subject_loras  # noqa: E402
 from helpers.config import PRESETS  # noqa: E402
-from helpers.layout import LAYOUT_FILE, load_or_default_layout  # noqa: E402
-from helpers.models import load_models  # noqa: E402
 from helpers.notebook import make_config  # noqa: E402
-from helpers.run import parse_value  # noqa: E402
-from helpers.scoring import ClipScorer, optional_dino_scorer  # noqa: E402
+from helpers.run import evaluation_inputs, parse_value  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {**(PRESETS[args.preset] if args.preset else {}),
               **{name: parse_value(value) for name, value in args.parameter}}
     config = make_config("world", output_dir=args.out, eval_prompts=args.scenes, eval_seeds=args.seeds, **params)
-    models = load_models(config, device=args.device)
-    load_subject_loras(models, config)
-    layout, _ = load_or_default_layout(config.output_path / LAYOUT_FILE, config.subject_names, config.resolution,
-                                       config.resolution)
-    scorer = ClipScorer.for_config(config, device=args.device)
-    judges = he.Judges.for_config(config, scorer, optional_dino_scorer(config, scorer))
+    models, layout, _, judges = evaluation_inputs(config, args.device)
     he.run_evaluation(models, config, layout, judges, config.output_path, shard=(args.rank, args.processes),
                       progress=lambda line: print(f"[{args.rank}/{args.processes}] {line}", flush=True))
     return 0

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS, PROJECT_ROOT
+from .config import PRESETS, PROJECT_ROOT, ProjectConfig
 from .io import atomic_path, remove_leftover_temp_files, write_notebook_atomic, write_text_atomic
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -371,16 +371,29 @@ def train_share(config, state) -> None:
     state.wait_for_everyone()
 
 
+def evaluation_inputs(config: ProjectConfig, device: str | None = None) -> tuple:
+    """What an evaluation of ``config`` runs on: the models with every subject's LoRA loaded, the layout (and a note
+    on where it came from) and the judges."""
+    from . import evaluation as he
+    from .adapters import load_subject_loras
+    from .layout import LAYOUT_FILE, load_or_default_layout
+    from .models import load_models
+    from .scoring import ClipScorer, optional_dino_scorer
+
+    models = load_models(config, device=device)
+    load_subject_loras(models, config)
+    layout, note = load_or_default_layout(config.output_path / LAYOUT_FILE, config.subject_names, config.resolution,
+                                          config.resolution)
+    scorer = ClipScorer.for_config(config, device=device)
+    return models, layout, note, he.Judges.for_config(config, scorer, optional_dino_scorer(config, scorer))
+
+
 def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str | None = None,
                     parameters: dict | None = None) -> int:
     """Train what is missing, evaluate every (scene, seed), write the report; prints the paired table last."""
     from . import evaluation as he
     from . import figures as hf
-    from .adapters import load_subject_loras
-    from .layout import LAYOUT_FILE, load_or_default_layout
-    from .models import load_models
     from .notebook import make_config
-    from .scoring import ClipScorer, optional_dino_scorer
     from .training import loss_histories
 
     config = make_config(profile, output_dir=out, eval_prompts=scenes, eval_seeds=seeds, **(parameters or {}))
@@ -388,12 +401,7 @@ def full_evaluation(profile: str, out: str, scenes: int, seeds: int, device: str
     state = process_state(device)
     device = device if state.num_processes == 1 else str(state.device)
     train_share(config, state)
-    models = load_models(config, device=device)
-    load_subject_loras(models, config)
-    layout, note = load_or_default_layout(config.output_path / LAYOUT_FILE, config.subject_names, config.resolution,
-                                          config.resolution)
-    scorer = ClipScorer.for_config(config, device=device)
-    judges = he.Judges.for_config(config, scorer, optional_dino_scorer(config, scorer))
+    models, layout, note, judges = evaluation_inputs(config, device)
     shard = (state.process_index, state.num_processes)
     print(f"{config.profile}: {note}; {scenes} scene(s) x {seeds} seed(s) from seed {config.eval_seed_start}"
           + (f"; process {shard[0] + 1} of {shard[1]}" if shard[1] > 1 else ""))
