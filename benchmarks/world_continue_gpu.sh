@@ -5,6 +5,7 @@
 # Usage on the device machine: bash benchmarks/world_continue_gpu.sh LABEL STEPS LR [trainer options...]
 #   close-ups (2026-12-02, not shipped):  bash benchmarks/world_continue_gpu.sh closeups 3000 2e-4 --closeups 20000
 #   inpainting pairs (2026-12-03):        bash benchmarks/world_continue_gpu.sh pairs 3000 2e-4 --inpaint-pairs 0.5
+#   both (2026-12-04):  bash benchmarks/world_continue_gpu.sh both 4000 3e-4 --closeups 20000 --inpaint-pairs 0.5
 # MEASURE_SHIPPED=1 measures the committed weights first.
 set -eu
 python3 -m pip install -q --no-deps .device-wheels/*.whl 2>/dev/null
@@ -18,7 +19,10 @@ from helpers.notebook import make_config; from helpers.models import load_models
 from helpers.world import evaluate as we
 config = make_config('world', output_dir='/tmp/ev/gate')
 models = load_models(config, device='cuda'); scorer = ClipScorer.for_config(config, device='cuda')
+from dataclasses import replace
 for k, v in we.inpaint_accuracy(models, config, scorer, seeds=8).items(): print('$1 inpaint', k, v)
+for k, v in we.inpaint_accuracy(models, replace(config, inpaint_strength=1.0), scorer, seeds=8).items():
+    print('$1 inpaint at strength 1.0', k, v)
 for k, v in we.generator_accuracy(models, config, scorer, 64).items(): print('$1 generator', k, v)
 print('$1 two-object binding', we.two_object_binding(models, config, scorer))
 print('$1 vae psnr', round(we.vae_psnr(models), 2))
@@ -34,4 +38,4 @@ for part in unet text_encoder text_encoder_2; do rm -rf "models/world/pipeline/$
 measure "$LABEL"
 tar cf "$OUT/unet.tar" -C /tmp/w/pipeline unet
 tar cf "$OUT/text_encoders.tar" -C /tmp/w/pipeline text_encoder text_encoder_2
-grep -E "inpaint all|generator class|binding" "$OUT/measures.txt"
+grep -E "all|generator class|binding" "$OUT/measures.txt"

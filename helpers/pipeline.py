@@ -6,6 +6,7 @@ all masks stays exactly the coarse scene's. Never trains, never plots.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from contextlib import ExitStack, contextmanager
@@ -241,6 +242,89 @@ def region_attention(models: ModelBundle, mask: torch.Tensor, focus: torch.Tenso
         unet.set_attn_processor(before)
 
 
+RESAMPLE_SHARE = 0.3  # the share of an inpainting call's steps that ``inpaint_resample`` repeats: where shapes form
+
+
+@functools.cache
+def resampling_scheduler_class() -> type:
+    """``EulerDiscreteScheduler`` with RePaint's resampling (Lugmayr et al. 2022, arXiv 2201.09865) for a plain
+    (4-channel) UNet's inpainting: ``plan`` = (first step, steps, times) runs each of those steps ``times`` times. A
+    repeat steps down to the next level as Euler does, then back up with fresh noise; the pipeline pastes the known
+    picture outside the mask at that level as after any step (noised anew each time, as RePaint samples it: with the
+    pipeline's one fixed noise the world's gate read 73 % instead of 85 %), and the UNet sees both again. Without it a UNet
+    decides a shape in the first steps from noise and can only keep it; with it the shape is revised against what the
+    picture around it has become (in the world: "a {class}" into an empty region 63 % -> 80-85 %, development seeds)."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class ResamplingEulerScheduler(EulerDiscreteScheduler):
+        plan: tuple[int, int, int] | None = None
+
+        def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+            super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+            if self.plan is None:
+                return
+            first, count, times = self.plan
+            repeats = torch.ones(len(self.timesteps), dtype=torch.long)
+            repeats[first:first + count] = times
+            self.timesteps = self.timesteps.repeat_interleave(repeats.to(self.timesteps.device))
+            self.sigmas = torch.cat([self.sigmas[:-1].repeat_interleave(repeats.to(self.sigmas.device)),
+                                     self.sigmas[-1:]])
+
+        generator = None
+
+        def add_noise(self, original_samples, noise, timesteps):
+            if self.step_index is not None:  # in the loop: the picture around the mask noised anew at each level
+                noise = randn_tensor(noise.shape, generator=self.generator, device=noise.device, dtype=noise.dtype)
+            return super().add_noise(original_samples, noise, timesteps)
+
+        def step(self, model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
+            self.generator = generator
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            here = self.step_index
+            sigma = self.sigmas[here]
+            if self.sigmas[here + 1] != sigma:
+                return super().step(model_output, timestep, sample, *args, generator=generator,
+                                    return_dict=return_dict, **kwargs)
+            lower = self.sigmas[here + 1:][self.sigmas[here + 1:] < sigma][0]
+            self.sigmas[here + 1] = lower  # Euler to the next level down ...
+            try:
+                stepped, original = super().step(model_output, timestep, sample, *args, generator=generator,
+                                                 return_dict=False, **kwargs)
+            finally:
+                self.sigmas[here + 1] = sigma
+            noise = randn_tensor(stepped.shape, generator=generator, device=stepped.device, dtype=stepped.dtype)
+            resampled = stepped + (sigma ** 2 - lower ** 2).sqrt().to(stepped.dtype) * noise  # ... and back up
+            if not return_dict:
+                return resampled, original
+            return EulerDiscreteSchedulerOutput(prev_sample=resampled, pred_original_sample=original)
+
+    return ResamplingEulerScheduler
+
+
+@contextmanager
+def resampling(pipe, times: int, strength: float, steps: int) -> Iterator[None]:
+    """During one inpainting call of ``pipe`` with ``steps`` and ``strength``: the first ``RESAMPLE_SHARE`` of the
+    steps it runs, each run ``times`` times (``resampling_scheduler_class``). Nothing changes when ``times`` is 1."""
+    if times <= 1:
+        yield
+        return
+    original = pipe.scheduler
+    if type(original).__name__ != "EulerDiscreteScheduler":
+        raise ValueError(f"inpaint_resample needs SDXL's EulerDiscreteScheduler, the pipeline has "
+                         f"{type(original).__name__}; set inpaint_resample to 1 or load the model's own scheduler")
+    scheduler = resampling_scheduler_class().from_config(original.config)
+    run = min(int(steps * strength), steps)  # the steps the pipeline runs of ``steps`` (its get_timesteps)
+    scheduler.plan = (steps - run, max(1, round(RESAMPLE_SHARE * run)), times)
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
 def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image],
                     mask: Image.Image | list[Image.Image], strength: float, seed: int | list[int], size: int,
                     focus: torch.Tensor | None = None, **text) -> torch.Tensor:
@@ -260,6 +344,8 @@ def inpaint_latents(models: ModelBundle, config: ProjectConfig, image: Image.Ima
     with ExitStack() as during_call:
         if focus is not None and config.region_attention > 0:
             during_call.enter_context(region_attention(models, mask, focus, config.region_attention))
+        during_call.enter_context(resampling(models.inpaint, config.inpaint_resample, strength,
+                                             config.effective_inpaint_steps))
         return models.inpaint(**text, image=image, mask_image=mask, strength=strength, height=size, width=size,
                               num_inference_steps=config.effective_inpaint_steps,
                               guidance_scale=config.guidance_scale, generator=generator, output_type="latent").images

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,38 @@ def test_skipping_diffusers_masked_picture_encode_changes_no_latent(tiny_models,
                                      generator=[tiny_models.generator(s) for s in (3, 4, 5)],
                                      output_type="latent").images
     assert tiny_models.unet.config.in_channels == 4 and torch.equal(ours, theirs)
+
+
+def test_resampling_repeats_the_first_steps_and_keeps_each_sample_its_own_seed(tiny_models, tiny_config, result):
+    """``inpaint_resample``: the first 30 % of the steps a call runs are each run that many times (RePaint); the
+    pipeline's own scheduler is back afterwards; a batch paints what each sample's call alone paints."""
+    from PIL import Image
+
+    mask = Image.fromarray((result.masks.support["cat"] * 255).astype(np.uint8))
+    config = tiny_config.replace(inpaint_resample=3, steps=10)
+    args = dict(strength=0.8, size=64, prompt="a cat", negative_prompt="")
+    seen = []
+    handle = tiny_models.unet.register_forward_pre_hook(lambda m, a: seen.append(int(a[1].flatten()[0])))
+    scheduler = tiny_models.inpaint.scheduler
+    try:
+        with ha.only_adapter(tiny_models, None), torch.no_grad():
+            plain = hp.inpaint_latents(tiny_models, tiny_config.replace(steps=10), result.coarse, mask, seed=3,
+                                       **args)
+            runs = len(seen)
+            resampled = hp.inpaint_latents(tiny_models, config, result.coarse, mask, seed=3, **args)
+            batch = hp.inpaint_latents(tiny_models, config, [result.coarse, result.final], [mask] * 2, seed=[3, 4],
+                                       **{**args, "prompt": ["a cat"] * 2, "negative_prompt": [""] * 2})
+            alone = hp.inpaint_latents(tiny_models, config, result.final, mask, seed=4, **args)
+    finally:
+        handle.remove()
+    assert tiny_models.inpaint.scheduler is scheduler
+    assert runs == 8 and seen[8:8 + 12] == seen[:1] * 3 + seen[1:2] * 3 + seen[2:8]  # 8 steps, the first 2 x 3
+    assert not torch.equal(plain, resampled)
+    # the same noise per sample (batched matmuls differ in the last bits: ~2e-5 here, another seed differs by ~15)
+    assert torch.allclose(batch[0], resampled[0], atol=1e-4) and torch.allclose(batch[1], alone[0], atol=1e-4)
+    with pytest.raises(ValueError, match="inpaint_resample needs"):
+        with hp.resampling(SimpleNamespace(scheduler=object()), 3, 0.8, 10):
+            pass
 
 
 def test_phase0s_ghosts_are_painted_over_with_the_base_model_and_nothing_else_changes(tiny_models, tiny_config,
