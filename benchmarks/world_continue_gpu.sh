@@ -5,7 +5,7 @@
 # Usage on the device machine: bash benchmarks/world_continue_gpu.sh LABEL STEPS LR [trainer options...]
 #   close-ups (2026-12-02, not shipped):  bash benchmarks/world_continue_gpu.sh closeups 3000 2e-4 --closeups 20000
 #   inpainting pairs (2026-12-03):        bash benchmarks/world_continue_gpu.sh pairs 3000 2e-4 --inpaint-pairs 0.5
-#   both (2026-12-04):  bash benchmarks/world_continue_gpu.sh both 4000 3e-4 --closeups 20000 --inpaint-pairs 0.5
+#   both (2026-12-04, not shipped):      bash benchmarks/world_continue_gpu.sh both 4000 3e-4 --closeups 20000 --inpaint-pairs 0.5
 # MEASURE_SHIPPED=1 measures the committed weights first.
 set -eu
 python3 -m pip install -q --no-deps .device-wheels/*.whl 2>/dev/null
@@ -35,7 +35,8 @@ python3 -m helpers.world.train --out /tmp/w --stages data,unet --vae-from models
 tail -3 "$OUT/train.log"
 cp /tmp/w/training_report.json "$OUT/"
 for part in unet text_encoder text_encoder_2; do rm -rf "models/world/pipeline/$part"; cp -r "/tmp/w/pipeline/$part" models/world/pipeline/; done
-measure "$LABEL"
+# the weights first: a call that runs out of time while measuring still brings them back
 tar cf "$OUT/unet.tar" -C /tmp/w/pipeline unet
 tar cf "$OUT/text_encoders.tar" -C /tmp/w/pipeline text_encoder text_encoder_2
+measure "$LABEL"
 grep -E "all|generator class|binding" "$OUT/measures.txt"
