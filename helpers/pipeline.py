@@ -250,10 +250,10 @@ def resampling_scheduler_class() -> type:
     """``EulerDiscreteScheduler`` with RePaint's resampling (Lugmayr et al. 2022, arXiv 2201.09865) for a plain
     (4-channel) UNet's inpainting: ``plan`` = (first step, steps, times) runs each of those steps ``times`` times. A
     repeat steps down to the next level as Euler does, then back up with fresh noise; the pipeline pastes the known
-    picture outside the mask at that level as after any step (noised anew each time, as RePaint samples it: with the
-    pipeline's one fixed noise the world's gate read 73 % instead of 85 %), and the UNet sees both again. Without it a UNet
-    decides a shape in the first steps from noise and can only keep it; with it the shape is revised against what the
-    picture around it has become. In the world, "a {class}" into an empty region at strength 1.0 is recognised in
+    picture outside the mask at that level as after any step, noised anew each time as RePaint samples it (a
+    hand-written loop on 60 development cases: 73 % with the pipeline's one fixed noise, 85 % with fresh noise), and
+    the UNet sees both again. Without it a UNet decides a shape in the first steps from noise and can only keep it;
+    with it the shape is revised against what the picture around it has become. In the world, "a {class}" into an empty region at strength 1.0 is recognised in
     72.5 % instead of 60.8 % with 5 runs (the gate's seeds); with the subject LoRAs it changed nothing measurable after
     QA (benchmarks/results/world_inpaint_resample_2026-12-04.md), so ``inpaint_resample`` is off by default."""
     from diffusers import EulerDiscreteScheduler
