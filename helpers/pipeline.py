@@ -253,15 +253,17 @@ def resampling_scheduler_class() -> type:
     picture outside the mask at that level as after any step, noised anew each time as RePaint samples it (a
     hand-written loop on 60 development cases: 73 % with the pipeline's one fixed noise, 85 % with fresh noise), and
     the UNet sees both again. Without it a UNet decides a shape in the first steps from noise and can only keep it;
-    with it the shape is revised against what the picture around it has become. In the world, "a {class}" into an empty region at strength 1.0 is recognised in
-    72.5 % instead of 60.8 % with 5 runs (the gate's seeds); with the subject LoRAs it changed nothing measurable after
-    QA (benchmarks/results/world_inpaint_resample_2026-12-04.md), so ``inpaint_resample`` is off by default."""
+    with it the shape is revised against what the picture around it has become. In the world, "a {class}" into an
+    empty region at strength 1.0 is recognised in 72.5 % instead of 60.8 % with 5 runs (the gate's seeds); with the
+    subject LoRAs it changed nothing measurable after QA (benchmarks/results/world_inpaint_resample_2026-12-04.md), so
+    ``inpaint_resample`` is off by default."""
     from diffusers import EulerDiscreteScheduler
     from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 
     class ResamplingEulerScheduler(EulerDiscreteScheduler):
         plan: tuple[int, int, int] | None = None
+        generator = None  # the pipeline's generator(s), as its last step was given them
 
         def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
             super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
@@ -273,8 +275,6 @@ def resampling_scheduler_class() -> type:
             self.timesteps = self.timesteps.repeat_interleave(repeats.to(self.timesteps.device))
             self.sigmas = torch.cat([self.sigmas[:-1].repeat_interleave(repeats.to(self.sigmas.device)),
                                      self.sigmas[-1:]])
-
-        generator = None
 
         def add_noise(self, original_samples, noise, timesteps):
             if self.step_index is not None:  # in the loop: the picture around the mask noised anew at each level
