@@ -305,19 +305,23 @@ def _per_sample_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     return out + torch.bmm(torch.bmm(flat, a), b).reshape(out.shape).to(out.dtype)
 
 
-def generate(models: ModelBundle, config: ProjectConfig, prompt: str, seed: int | list[int],
+def generate(models: ModelBundle, config: ProjectConfig, prompt: str | list[str], seed: int | list[int],
              adapter: str | None = None, size: int | None = None) -> Image.Image | list[Image.Image]:
     """Text to image with exactly ``adapter`` active (None: the base model), decoded through the NaN guard.
 
     ``size`` defaults to the config's resolution; steps, guidance and the negative prompt come from the config. A list
     of seeds is one batched call (sample ``i`` draws its noise from its own seed, as a call with that seed alone
-    would) and returns a list, decoded one picture at a time (a batch of full-size decodes is the memory peak).
+    would) and returns a list, decoded one picture at a time (a batch of full-size decodes is the memory peak);
+    ``prompt`` is then one prompt for every sample or one per seed.
     """
     size = size or config.resolution
     seeds = seed if isinstance(seed, list) else [seed]
+    prompts = prompt if isinstance(prompt, list) else [prompt] * len(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts for {len(seeds)} seeds; give one prompt or one per seed")
     with only_adapter(models, adapter), torch.no_grad():
         latents = models.txt2img(
-            prompt=[prompt] * len(seeds), negative_prompt=[config.negative_prompt] * len(seeds), height=size,
+            prompt=prompts, negative_prompt=[config.negative_prompt] * len(seeds), height=size,
             width=size, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
             generator=[models.generator(s) for s in seeds], output_type="latent").images
     pictures = [models.decode(latents[i:i + 1])[0] for i in range(len(seeds))]

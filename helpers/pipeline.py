@@ -498,21 +498,24 @@ def pass_batches(jobs: list[PassJob], masks_: MaskSet, config: ProjectConfig) ->
     return batches
 
 
-def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image], masks_: MaskSet,
-                 jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
+def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image],
+                 masks_: MaskSet | list[MaskSet], jobs: list[PassJob]) -> list[tuple[Image.Image, SubjectPass]]:
     """Several subject passes as one batched inpaint call at one pass size, sample ``i`` with only job ``i``'s LoRA
     (``adapters.per_sample_adapters``: each sample's own LoRA delta, no adapter switch per sample). ``image``: the
-    picture every job paints on, or one per job (passes of several composites). Each result is its job's picture
-    with only that job's region repainted."""
+    picture every job paints on, or one per job (passes of several composites); ``masks_`` likewise (one per job:
+    pictures with layouts of their own, as the world's inpainting gate paints them). Each result is its job's
+    picture with only that job's region repainted."""
     from torch.profiler import record_function
 
     start = time.perf_counter()
     images = image if isinstance(image, list) else [image] * len(jobs)
-    boxes = [masks_.crop_box(j.subject.name, config.region_margin) for j in jobs]
+    mask_sets = masks_ if isinstance(masks_, list) else [masks_] * len(jobs)
+    boxes = [m.crop_box(j.subject.name, config.region_margin) for m, j in zip(mask_sets, jobs)]
     size = max(pass_size(models, config, _side(box)) for box in boxes)
-    boxes = [pass_box(box, size, masks_) for box in boxes]
+    boxes = [pass_box(box, size, m) for box, m in zip(boxes, mask_sets)]
     with record_function("pass/crop"):
-        inputs = [_pass_inputs(im, masks_, j.subject.name, box, size) for im, j, box in zip(images, jobs, boxes)]
+        inputs = [_pass_inputs(im, m, j.subject.name, box, size)
+                  for im, m, j, box in zip(images, mask_sets, jobs, boxes)]
     names = [j.subject.name for j in jobs] if adapter_names(models) else [None] * len(jobs)
     with per_sample_adapters(models, names, config.subject_lora_scale), torch.no_grad():
         with record_function("pass/prompt"):
@@ -533,9 +536,9 @@ def batched_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image 
         painted = [models.decode(latents[i:i + 1])[0] for i in range(len(latents))]
     seconds = (time.perf_counter() - start) / len(jobs)
     with record_function("pass/paste"):
-        return [(_paste_pass(im, p, masks_, j.subject.name, box),
+        return [(_paste_pass(im, p, m, j.subject.name, box),
                  SubjectPass(j.subject.name, j.seed, j.strength, box, [n] if n else [], seconds, j.prompt))
-                for im, j, box, p, n in zip(images, jobs, boxes, painted, names)]
+                for im, m, j, box, p, n in zip(images, mask_sets, jobs, boxes, painted, names)]
 
 
 def _run_batch(models: ModelBundle, config: ProjectConfig, image: Image.Image | list[Image.Image], masks_: MaskSet,

@@ -476,3 +476,33 @@ def test_region_attention_changes_only_the_regions_and_puts_the_processors_back(
     outside = ~np.logical_or.reduce(list(steered.masks.support.values()))
     assert np.array_equal(np.asarray(steered.final)[outside], np.asarray(result.final)[outside])
     assert not np.array_equal(np.asarray(steered.final), np.asarray(result.final))  # and the bias did change them
+
+
+def test_batched_passes_with_a_layout_each_paint_what_each_pass_alone_paints(tiny_models, tiny_config, trained):
+    """Pictures with layouts of their own in one call (the world's inpainting gate paints its cases so)."""
+    size = tiny_config.resolution
+    layouts = [Layout([Region("cat", 0.05, 0.3, 0.4, 0.6)], size, size),
+               Layout([Region("cat", 0.5, 0.2, 0.45, 0.7)], size, size)]
+    mask_sets = [masks(layout, size, size, tiny_config.effective_feather_px) for layout in layouts]
+    scene = hp.generate_scene(tiny_models, tiny_config, "a cat on grass", 3)
+    subject = tiny_config.subject("cat")
+    jobs = [hp.PassJob(subject, seed, tiny_config.inpaint_strength, "a photo of sks cat on grass") for seed in (11, 12)]
+    batched = hp.batched_pass(tiny_models, tiny_config, [scene, scene], mask_sets, jobs)
+    assert batched[0][1].crop_box != batched[1][1].crop_box
+    for (picture, _), mask_set, job in zip(batched, mask_sets, jobs):
+        alone, _ = hp.region_pass(tiny_models, tiny_config, scene, mask_set, subject, job.seed, job.strength,
+                                  job.prompt)
+        assert np.abs(np.asarray(picture, np.int16) - np.asarray(alone, np.int16)).max() <= 2
+        outside = ~mask_set.support["cat"]
+        assert np.array_equal(np.asarray(picture)[outside], np.asarray(scene)[outside])
+        assert not np.array_equal(np.asarray(picture), np.asarray(scene))
+
+
+def test_generate_takes_one_prompt_per_seed(tiny_models, tiny_config):
+    both = ha.generate(tiny_models, tiny_config, ["a cat", "a mug"], [1, 2])
+    for picture, prompt, seed in zip(both, ["a cat", "a mug"], [1, 2]):
+        alone = ha.generate(tiny_models, tiny_config, prompt, seed)
+        assert np.abs(np.asarray(picture, np.int16) - np.asarray(alone, np.int16)).max() <= 2
+    assert not np.array_equal(np.asarray(both[1]), np.asarray(ha.generate(tiny_models, tiny_config, "a cat", 2)))
+    with pytest.raises(ValueError, match="one prompt or one per seed"):
+        ha.generate(tiny_models, tiny_config, ["a cat"], [1, 2])

@@ -128,14 +128,37 @@ def test_gate_generator_draws_the_prompted_class_and_colour(world_config, world_
 
 def test_the_inpainting_measure_confirms_rendered_truth(world_config, world_scorer, capsys):
     """The scorer names the object located on a region's own pixels (the inpainting gate's measure, and class
-    presence everywhere) on the gate's own cases with an object of the class rendered in the region: 94.2 % over 40
-    seeds, 92.8 % on 40 others (a green object on grass or a black one under the night sky cannot be located). The
-    model's own rate is reported by ``python -m helpers.world.evaluate`` (42.5 %, below the 85 % the method would
-    need; not gated)."""
+    presence everywhere) on the gate's own cases with an object of the class rendered in the region (a green object
+    on grass or a black one under the night sky cannot be located)."""
     truth = we.inpaint_measure_on_truth(world_config, world_scorer, seeds=16)
     with capsys.disabled():
         print(f"\ninpainting measure on rendered truth: {truth['all']}")
     assert truth["all"].rate >= 0.90 and min(a.rate for a in truth.values()) >= 0.85, truth
+
+
+def test_the_inpainting_measure_confirms_truth_as_the_vae_decodes_it(world_config, world_models, world_scorer,
+                                                                     capsys):
+    """The same cases sent through the world's VAE first: the look of every generated picture. The scorer trained
+    on renders alone named 85.0 % here (93.8 % clean): it judged generated pixels worse than renders, so it now
+    trains on decoded views too (MODEL_CARD)."""
+    truth = we.inpaint_measure_on_truth(world_config, world_scorer, seeds=16, decoded_by=world_models)
+    with capsys.disabled():
+        print(f"\ninpainting measure on VAE-decoded truth: {truth['all']}")
+    assert truth["all"].rate >= 0.90 and min(a.rate for a in truth.values()) >= 0.85, truth
+
+
+def test_gate_base_model_inpaints_the_prompted_class_into_an_empty_region(world_config, world_models, world_scorer,
+                                                                         capsys):
+    """What the method asks of SDXL, asked of the world's base model: "a {class} {setting}" into an empty region
+    (5 classes x 3 region widths x 8 seeds), named as that class on the region's own pixels in >= 85 %, with the
+    project's own inpainting settings for painting a whole object (strength 1.0, RePaint resampling, region
+    attention). The method's subject passes keep 0.85 and neither setting: they start from Phase 0's scene, and with
+    the subject LoRAs the two settings did not pay (README); at those settings the base model reads ~50 %."""
+    config = world_config.replace(inpaint_strength=1.0, inpaint_resample=5, region_attention=4.0)
+    accuracy = we.inpaint_accuracy(world_models, config, world_scorer, seeds=8)
+    with capsys.disabled():
+        print(f"\nbase-model inpainting gate: {({k: str(v) for k, v in accuracy.items()})}")
+    assert accuracy["all"].rate >= 0.85 and min(a.rate for a in accuracy.values()) >= 0.75, accuracy
 
 
 def test_gate_vae_reconstructs_held_out_renders(world_models):
@@ -183,7 +206,7 @@ def test_the_training_command_runs_end_to_end_and_its_output_loads_like_the_ship
     assert sum(p.numel() for p in model.parameters()) > 1e6
     report = __import__("json").loads((out / "training_report.json").read_text())
     assert {"data", "vae", "unet", "scorer"} <= set(report) and report["unet"]["continued_steps"] == 1
-    assert report["unet"]["inpaint_pairs"] == 0.5
+    assert report["unet"]["inpaint_pairs"] == 0.5 and report["scorer"]["decoded"] is True
 
 
 def test_an_inpainting_pair_is_its_scene_with_one_object_left_out():

@@ -81,10 +81,14 @@ def single_object_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, st
 
 def generator_accuracy(models: ModelBundle, config: ProjectConfig, scorer, n: int = 32,
                        seed: int = 0) -> dict[str, Accuracy]:
-    """Generate each prompt once (seed = its index) and ask the scorer for its class and colour."""
+    """Generate each prompt once (seed = its index; 16 prompts per batched call) and ask the scorer for its class and
+    colour."""
     hits = {"class": 0, "color": 0}
-    for i, (prompt, cls, color, background) in enumerate(single_object_prompts(n, seed)):
-        image = generate(models, config, prompt, seed=i)
+    prompts = single_object_prompts(n, seed)
+    images = [image for start in range(0, n, 16)
+              for image in generate(models, config, [p[0] for p in prompts[start:start + 16]],
+                                    seed=list(range(start, min(n, start + 16))))]
+    for image, (prompt, cls, color, background) in zip(images, prompts):
         where = world.BACKGROUNDS[background]
         hits["class"] += classify_object(scorer, image, where) == cls
         colors = list(world.COLORS)
@@ -149,30 +153,47 @@ def _rates(hits: dict[float, list[bool]]) -> dict[str, Accuracy]:
     return out
 
 
+INPAINT_BATCH = 15  # one seed's cases per inpainting call: each sample paints what it paints alone (its own seed)
+
+
 def inpaint_accuracy(models: ModelBundle, config: ProjectConfig, scorer, seeds: int = 8,
                      first_seed: int = HELD_OUT_SEED) -> dict[str, Accuracy]:
     """What the method asks of the base model, measured: "a {class} {setting}" inpainted into an empty region of a
     rendered scene (no object anywhere), at the pass's strength, recognised as that class on the region's own
-    pixels; per region size and in all. Needs a bundle without subject LoRAs (the base model paints)."""
+    pixels; per region size and in all. Needs a bundle without subject LoRAs (the base model paints). The cases
+    run as batched passes (``pipeline.batched_pass``), each with its own layout and seed."""
     from ..config import Subject
     from ..measures import class_present, own_crop
-    from ..pipeline import region_pass
+    from ..pipeline import PassJob, batched_pass
 
     hits: dict[float, list[bool]] = {w: [] for w in INPAINT_REGION_WIDTHS}
-    for case in inpaint_cases(config, seeds, first_seed):
-        empty = world.render(case.empty, config.resolution)
-        painted, _ = region_pass(models, config, empty, case.masks, Subject("region", "", case.cls, "", "region"),
-                                 case.seed, config.inpaint_strength, case.prompt)
-        hits[case.width].append(class_present(scorer, own_crop(painted, case.masks, "region"), case.cls,
-                                              list(world.CLASSES)))
+    cases = list(inpaint_cases(config, seeds, first_seed))
+    for start in range(0, len(cases), INPAINT_BATCH):
+        batch = cases[start:start + INPAINT_BATCH]
+        jobs = [PassJob(Subject("region", "", case.cls, "", "region"), case.seed, config.inpaint_strength,
+                        case.prompt) for case in batch]
+        painted = batched_pass(models, config, [world.render(case.empty, config.resolution) for case in batch],
+                               [case.masks for case in batch], jobs)
+        for case, (picture, _) in zip(batch, painted):
+            hits[case.width].append(class_present(scorer, own_crop(picture, case.masks, "region"), case.cls,
+                                                  list(world.CLASSES)))
     return _rates(hits)
 
 
-def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8,
-                             first_seed: int = HELD_OUT_SEED) -> dict[str, Accuracy]:
+def vae_round_trip(models: ModelBundle, image: Image.Image) -> Image.Image:
+    """``image`` encoded and decoded by the world's VAE: rendered truth with the look of a generated picture."""
+    with torch.no_grad():
+        pixels = models.txt2img.image_processor.preprocess([image]).to(models.device, models.vae.dtype)
+        latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
+    return models.decode(latents)[0]
+
+
+def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8, first_seed: int = HELD_OUT_SEED,
+                             decoded_by: ModelBundle | None = None) -> dict[str, Accuracy]:
     """The inpainting measure on rendered truth: the same cases with an object of the class rendered in the region
     (a world colour and pattern, 70-95 % of the region's width). What the measure can confirm at best: an object in
-    the background's own colour (a black cat under a night sky) cannot be located."""
+    the background's own colour (a black cat under a night sky) cannot be located. With ``decoded_by``, every
+    picture is first sent through that bundle's VAE (``vae_round_trip``), as every generated picture is."""
     from ..measures import class_present, own_crop
 
     hits: dict[float, list[bool]] = {w: [] for w in INPAINT_REGION_WIDTHS}
@@ -183,6 +204,8 @@ def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8,
         obj = replace(world.sample_object(rng, (xs.min() + xs.max() + 1) / 2 / config.resolution,
                                           (ys.min() + ys.max() + 1) / 2 / config.resolution, size), cls=case.cls)
         image = world.render(replace(case.empty, objects=(obj,)), config.resolution)
+        if decoded_by is not None:
+            image = vae_round_trip(decoded_by, image)
         hits[case.width].append(class_present(scorer, own_crop(image, case.masks, "region"), case.cls,
                                               list(world.CLASSES)))
     return _rates(hits)
@@ -220,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.inpaint_seeds:
         results["inpaint_base_model"] = inpaint_accuracy(models, config, scorer, args.inpaint_seeds)
         results["inpaint_measure_on_truth"] = inpaint_measure_on_truth(config, scorer, args.inpaint_seeds)
+        results["inpaint_measure_on_decoded_truth"] = inpaint_measure_on_truth(config, scorer, args.inpaint_seeds,
+                                                                               decoded_by=models)
     print(f"{'measure':<40} value")
     for group, value in results.items():
         if isinstance(value, dict):

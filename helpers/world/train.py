@@ -298,6 +298,17 @@ def train_unet(latents: torch.Tensor, ids1: torch.Tensor, ids2: torch.Tensor, em
     return unet.eval(), te1.eval(), te2.eval()
 
 
+@torch.no_grad()
+def decoded_views(vae, latents: torch.Tensor, device: torch.device, batch: int = 512) -> np.ndarray:
+    """The scenes as the world's VAE decodes their latents (uint8, N x H x W x 3): the look of every generated
+    picture, with the rendered scene's caption and boxes still true of it."""
+    views = []
+    for i in range(0, len(latents), batch):
+        x = vae.decode(latents[i:i + batch].to(device) / vae.config.scaling_factor).sample
+        views.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(views).numpy()
+
+
 def object_crops(images: np.ndarray, boxes: list[list], descriptions: list[list[str]], size: int,
                  rng: np.random.Generator, limit: int) -> tuple[np.ndarray, list[str]]:
     """Square crops around single objects (with a margin, as the QA loop crops a region) and their words."""
@@ -325,8 +336,9 @@ def train_scorer(images: np.ndarray, captions: list[str], crops: np.ndarray, cro
     model = open_clip.create_model(SCORER_NAME, pretrained=None).to(device).train()
     tokenizer = open_clip.get_tokenizer(SCORER_NAME)
     size = SCORER_CONFIG["vision_cfg"]["image_size"]
-    scenes = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
-                           antialias=True).round().clamp(0, 255).to(torch.uint8)
+    scenes = torch.cat([F.interpolate(torch.from_numpy(images[i:i + 4096]).permute(0, 3, 1, 2).float(), size=size,
+                                      mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+                        for i in range(0, len(images), 4096)])
     pixels = torch.cat([scenes, torch.from_numpy(crops).permute(0, 3, 1, 2)]).to(device)
     texts = tokenize_open_clip(tokenizer, captions + crop_texts).to(device)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
@@ -426,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip VAE training: encode with this saved VAE folder (e.g. the shipped one)")
     parser.add_argument("--unet-batch", type=int, default=1024)
     parser.add_argument("--scorer-steps", type=int, default=2500)
+    parser.add_argument("--scorer-decoded", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the scorer on every scene and crop as the world's VAE decodes it: the look "
+                             "of generated pictures (the shipped scorer has them; without, naming on VAE-decoded "
+                             "truth was 85.0 %% against 93.8 %%, MODEL_CARD)")
     parser.add_argument("--batch", type=int, default=64, help="VAE batch (the scorer uses 8x)")
     parser.add_argument("--workers", type=int, default=max(1, (__import__("os").cpu_count() or 2) - 1))
     args = parser.parse_args(argv)
@@ -511,12 +527,26 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         register_scorer_config()
         rng = np.random.default_rng(4)
-        crops, crop_texts = object_crops(images.numpy(), data["boxes"], data["descriptions"],
-                                         SCORER_CONFIG["vision_cfg"]["image_size"], rng, len(images))
-        model = train_scorer(images.numpy(), data["captions"], crops, crop_texts, args.scorer_steps,
-                             8 * args.batch, device, log)
+        size = SCORER_CONFIG["vision_cfg"]["image_size"]
+        scenes, captions = images.numpy(), list(data["captions"])
+        crops, crop_texts = object_crops(scenes, data["boxes"], data["descriptions"], size, rng, len(images))
+        if args.scorer_decoded:
+            if not (out / "vae.pt").exists():
+                raise SystemExit(f"--scorer-decoded needs the scenes' latents in {out / 'vae.pt'}: run the vae stage "
+                                 f"(or pass --vae-from) into this --out first, or give --no-scorer-decoded")
+            saved = torch.load(out / "vae.pt", weights_only=False)
+            vae = build_vae()
+            vae.load_state_dict(saved["vae"])
+            vae.register_to_config(scaling_factor=saved["scaling_factor"])
+            decoded = decoded_views(vae.to(device).eval(), saved["latents"], device)
+            decoded_crops, decoded_texts = object_crops(decoded, data["boxes"], data["descriptions"], size, rng,
+                                                        len(images))
+            scenes, captions = np.concatenate([scenes, decoded]), captions + captions
+            crops, crop_texts = np.concatenate([crops, decoded_crops]), crop_texts + decoded_texts
+        model = train_scorer(scenes, captions, crops, crop_texts, args.scorer_steps, 8 * args.batch, device, log)
         save_scorer(out / "scorer", model)
-        report["scorer"] = {"steps": args.scorer_steps, "seconds": round(time.perf_counter() - start, 1)}
+        report["scorer"] = {"steps": args.scorer_steps, "decoded": args.scorer_decoded,
+                            "seconds": round(time.perf_counter() - start, 1)}
     report["gpu_minutes"] = round(sum(v.get("seconds", 0) for v in report.values() if isinstance(v, dict)) / 60, 2)
     write_json_atomic(report_path, report)
     log(json.dumps(report, indent=2))
