@@ -136,8 +136,9 @@ class ProjectConfig:
     # RePaint's resampling (``pipeline.resampling_scheduler_class``): the first ``RESAMPLE_SHARE`` of an inpainting
     # call's steps each run this many times, renoised in between, so what is painted inside the mask can settle with
     # the picture around it (1: off). Costs (times - 1) x that share of the call's steps in extra UNet calls. In the
-    # world 5 lifts the base model's inpainting gate (42.5 -> 54.2 % at 0.85, 60.8 -> 72.5 % at 1.0) but, with the
-    # subject LoRAs, 3 left identity after QA unchanged (+0.010 +- 0.013): world_inpaint_resample_2026-12-04.md
+    # world 5 lifted the base model's inpainting gate (42.5 -> 54.2 % at 0.85, 60.8 -> 72.5 % at 1.0, the scorer of
+    # then) but, with the subject LoRAs, 3 left identity after QA unchanged (+0.010 +- 0.013):
+    # world_inpaint_resample_2026-12-04.md. The gate in tests/test_world.py asks for a whole object with it.
     inpaint_resample: int = setting(1, "generation", low=1)
     # a subject pass's cross-attention: the logits of the subject's class word raised by this much inside its mask
     # and lowered outside it (0: off). In the world it lifts the base model's inpainting gate (37.5 % -> 70.8 % at 4)

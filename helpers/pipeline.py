@@ -405,6 +405,25 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     return result, info
 
 
+def vae_round_trip(models: ModelBundle, image: Image.Image) -> Image.Image:
+    """``image`` encoded and decoded by the model's VAE: what any generated picture of it can be at best."""
+    with torch.no_grad():
+        pixels = models.txt2img.image_processor.preprocess([image]).to(models.device, models.vae.dtype)
+        latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
+    return models.decode(latents)[0]
+
+
+def region_round_trip(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
+                      name: str) -> Image.Image:
+    """``image`` with ``name``'s region replaced by itself after a VAE round trip, cropped, sized and pasted back as
+    a pass paints it: the most faithful picture a pass can return there (measures are checked against it)."""
+    box = masks_.crop_box(name, config.region_margin)
+    size = pass_size(models, config, _side(box))
+    box = pass_box(box, size, masks_)
+    crop, _ = _pass_inputs(image, masks_, name, box, size)
+    return _paste_pass(image, vae_round_trip(models, crop), masks_, name, box)
+
+
 PASS_BOX_GROWTH = 1.05  # a box is grown to its pass size by at most this factor instead of being resized
 
 

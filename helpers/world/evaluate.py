@@ -180,14 +180,6 @@ def inpaint_accuracy(models: ModelBundle, config: ProjectConfig, scorer, seeds: 
     return _rates(hits)
 
 
-def vae_round_trip(models: ModelBundle, image: Image.Image) -> Image.Image:
-    """``image`` encoded and decoded by the world's VAE: rendered truth with the look of a generated picture."""
-    with torch.no_grad():
-        pixels = models.txt2img.image_processor.preprocess([image]).to(models.device, models.vae.dtype)
-        latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
-    return models.decode(latents)[0]
-
-
 def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8, first_seed: int = HELD_OUT_SEED,
                              decoded_by: ModelBundle | None = None) -> dict[str, Accuracy]:
     """The inpainting measure on rendered truth: the same cases with an object of the class rendered in the region
@@ -195,6 +187,7 @@ def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8, firs
     the background's own colour (a black cat under a night sky) cannot be located. With ``decoded_by``, every
     picture is first sent through that bundle's VAE (``vae_round_trip``), as every generated picture is."""
     from ..measures import class_present, own_crop
+    from ..pipeline import vae_round_trip
 
     hits: dict[float, list[bool]] = {w: [] for w in INPAINT_REGION_WIDTHS}
     for case in inpaint_cases(config, seeds, first_seed):
@@ -209,6 +202,39 @@ def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8, firs
         hits[case.width].append(class_present(scorer, own_crop(image, case.masks, "region"), case.cls,
                                               list(world.CLASSES)))
     return _rates(hits)
+
+
+FADED_TRUTH_SEED = 700_000  # the scenes of tests/test_measures.py
+
+
+def faded_on_truth(models: ModelBundle, config: ProjectConfig, scorer, scenes: int = 60,
+                   first_seed: int = FADED_TRUTH_SEED) -> dict[str, dict[str, float]]:
+    """The report's "faded" (identity on a subject's own pixels under its QA threshold) on rendered truth: the
+    config's subjects rendered in their regions of the default layout, judged as rendered and with every region sent
+    through the VAE as a pass paints it (``pipeline.region_round_trip``). Share faded per subject, and mean identity:
+    what a faithful generator would score."""
+    from ..layout import default_layout, masks
+    from ..measures import own_crops
+    from ..pipeline import region_round_trip
+    from ..qa import subject_thresholds
+
+    names = config.subject_names
+    layout = default_layout(names, config.resolution, config.resolution)
+    masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
+    regions = {r.subject: (r.x, r.y, r.w, r.h) for r in layout.regions}
+    thresholds = subject_thresholds(scorer, config)
+    scores: dict[str, list[float]] = {f"{k} {n}": [] for k in ("rendered", "decoded as a pass") for n in names}
+    for seed in range(first_seed, first_seed + scenes):
+        image = world.render(world.subjects_in_regions(regions, seed), config.resolution)
+        decoded = image
+        for name in names:
+            decoded = region_round_trip(models, config, decoded, masks_, name)
+        for kind, picture in (("rendered", image), ("decoded as a pass", decoded)):
+            crops = own_crops(picture, masks_, names)
+            for name in names:
+                scores[f"{kind} {name}"].append(scorer.identity(crops[name], name))
+    return {key: {"faded": float(np.mean([v < thresholds[key.split()[-1]] for v in values])),
+                  "identity": float(np.mean(values))} for key, values in scores.items()}
 
 
 @torch.no_grad()
@@ -245,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         results["inpaint_measure_on_truth"] = inpaint_measure_on_truth(config, scorer, args.inpaint_seeds)
         results["inpaint_measure_on_decoded_truth"] = inpaint_measure_on_truth(config, scorer, args.inpaint_seeds,
                                                                                decoded_by=models)
+    faded = faded_on_truth(models, config, scorer)
     print(f"{'measure':<40} value")
     for group, value in results.items():
         if isinstance(value, dict):
@@ -252,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{group + ' ' + key + ' accuracy':<40} {acc}")
         else:
             print(f"{group:<40} {value if isinstance(value, Accuracy) else f'{value:.2f}'}")
+    for key, value in faded.items():
+        print(f"{'faded on truth ' + key:<40} {value['faded']:.3f} (identity {value['identity']:.3f})")
     if args.json:
         plain = {g: ({k: a.rate for k, a in v.items()} if isinstance(v, dict) else
                      (v.rate if isinstance(v, Accuracy) else v)) for g, v in results.items()}
+        plain["faded_on_truth"] = faded
         from ..io import write_json_atomic
 
         write_json_atomic(args.json, plain)

@@ -11,7 +11,8 @@ run one at a time (``--stages``) and resume from what an earlier stage wrote int
    are trained jointly with the UNet: the world's few dozen words need to be told apart, which frozen random
    encoders do poorly; LoRA training later keeps them frozen, as on SDXL. EMA weights are what is saved.
 4. ``scorer``: an open_clip model with its own config trained contrastively on (render, caption) pairs and on
-   (object crop, "a red striped cat") pairs, saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
+   (object crop, "a red striped cat") pairs, each also as the VAE decodes the render (``--scorer-decoded``: generated
+   pictures look decoded), saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
 
 The result: ``<out>/pipeline`` (``save_pretrained``, fp16 safetensors) and ``<out>/scorer`` (config + weights) plus
 ``<out>/training_report.json``; ``helpers.world.evaluate`` measures their quality.
