@@ -374,9 +374,7 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
 
     start = time.perf_counter()
     prompt = prompt or config_scene_prompts(config).passes[subject.name]
-    box = masks_.crop_box(subject.name, config.region_margin)
-    size = pass_size(models, config, _side(box))
-    box = pass_box(box, size, masks_)
+    box, size = _region_pass_box(models, config, masks_, subject.name)
     with record_function("pass/crop"):
         crop, mask_crop = _pass_inputs(image, masks_, subject.name, box, size)
     if not adapter_names(models):  # no LoRA loaded at all (plumbing runs): the base model paints the region
@@ -405,21 +403,30 @@ def region_pass(models: ModelBundle, config: ProjectConfig, image: Image.Image, 
     return result, info
 
 
-def vae_round_trip(models: ModelBundle, image: Image.Image) -> Image.Image:
-    """``image`` encoded and decoded by the model's VAE: what any generated picture of it can be at best."""
+def _region_pass_box(models: ModelBundle, config: ProjectConfig, masks_: MaskSet,
+                     name: str) -> tuple[tuple[int, int, int, int], int]:
+    """The square a lone pass over ``name``'s region crops, and the side it paints at."""
+    box = masks_.crop_box(name, config.region_margin)
+    size = pass_size(models, config, _side(box))
+    return pass_box(box, size, masks_), size
+
+
+def vae_round_trip(models: ModelBundle, images: Image.Image | list[Image.Image]) -> Image.Image | list[Image.Image]:
+    """``images`` (of one size) encoded and decoded by the model's VAE in one batch: what any generated picture of
+    them can be at best."""
+    pictures = images if isinstance(images, list) else [images]
     with torch.no_grad():
-        pixels = models.txt2img.image_processor.preprocess([image]).to(models.device, models.vae.dtype)
+        pixels = models.txt2img.image_processor.preprocess(pictures).to(models.device, models.vae.dtype)
         latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
-    return models.decode(latents)[0]
+    decoded = models.decode(latents)
+    return decoded if isinstance(images, list) else decoded[0]
 
 
 def region_round_trip(models: ModelBundle, config: ProjectConfig, image: Image.Image, masks_: MaskSet,
                       name: str) -> Image.Image:
     """``image`` with ``name``'s region replaced by itself after a VAE round trip, cropped, sized and pasted back as
     a pass paints it: the most faithful picture a pass can return there (measures are checked against it)."""
-    box = masks_.crop_box(name, config.region_margin)
-    size = pass_size(models, config, _side(box))
-    box = pass_box(box, size, masks_)
+    box, size = _region_pass_box(models, config, masks_, name)
     crop, _ = _pass_inputs(image, masks_, name, box, size)
     return _paste_pass(image, vae_round_trip(models, crop), masks_, name, box)
 

@@ -223,7 +223,7 @@ def faded_on_truth(models: ModelBundle, config: ProjectConfig, scorer, scenes: i
     masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
     regions = {r.subject: (r.x, r.y, r.w, r.h) for r in layout.regions}
     thresholds = subject_thresholds(scorer, config)
-    scores: dict[str, list[float]] = {f"{k} {n}": [] for k in ("rendered", "decoded as a pass") for n in names}
+    scores: dict[tuple[str, str], list[float]] = {(k, n): [] for k in ("rendered", "decoded as a pass") for n in names}
     for seed in range(first_seed, first_seed + scenes):
         image = world.render(world.subjects_in_regions(regions, seed), config.resolution)
         decoded = image
@@ -232,17 +232,17 @@ def faded_on_truth(models: ModelBundle, config: ProjectConfig, scorer, scenes: i
         for kind, picture in (("rendered", image), ("decoded as a pass", decoded)):
             crops = own_crops(picture, masks_, names)
             for name in names:
-                scores[f"{kind} {name}"].append(scorer.identity(crops[name], name))
-    return {key: {"faded": float(np.mean([v < thresholds[key.split()[-1]] for v in values])),
-                  "identity": float(np.mean(values))} for key, values in scores.items()}
+                scores[kind, name].append(scorer.identity(crops[name], name))
+    return {f"{kind} {name}": {"faded": float(np.mean([v < thresholds[name] for v in values])),
+                               "identity": float(np.mean(values))} for (kind, name), values in scores.items()}
 
 
 @torch.no_grad()
 def vae_psnr(models: ModelBundle, n: int = 64, first_seed: int = HELD_OUT_SEED) -> float:
+    from ..pipeline import vae_round_trip
+
     images = [world.render_scene(s).image for s in range(first_seed, first_seed + n)]
-    pixels = models.txt2img.image_processor.preprocess(images).to(models.device, models.vae.dtype)
-    latents = models.vae.encode(pixels).latent_dist.mode() * models.vae.config.scaling_factor
-    decoded = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255) for im in models.decode(latents)])
+    decoded = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255) for im in vae_round_trip(models, images)])
     original = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255) for im in images])
     mse = ((decoded - original) ** 2).mean(dim=(1, 2, 3))
     return float((10 * torch.log10(1 / mse)).mean())

@@ -206,6 +206,14 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Ten
     return torch.cat(latents)
 
 
+def saved_vae(saved: dict):
+    """The VAE that ``vae.pt`` holds (its weights and scaling factor), on the CPU."""
+    vae = build_vae()
+    vae.load_state_dict(saved["vae"])
+    vae.register_to_config(scaling_factor=saved["scaling_factor"])
+    return vae
+
+
 def _emptied_latents(vae, data: dict, device: torch.device) -> torch.Tensor:
     """Scaled latents of the scenes with one object left out (empty tensor for data rendered without them)."""
     if "emptied" not in data or not len(data["emptied"]):
@@ -513,10 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             unet, te1, te2 = train_unet(saved["latents"], data["ids1"], data["ids2"], data["empty"],
                                         args.unet_continue_steps, args.unet_batch, device, log, args.unet_continue_lr,
                                         modules=(unet, te1, te2), pairs=pairs, pair_rate=args.inpaint_pairs)
-        vae = build_vae()
-        vae.load_state_dict(saved["vae"])
-        vae.register_to_config(scaling_factor=saved["scaling_factor"])
-        save_pipeline(out / "pipeline", vae, unet, te1, te2)
+        save_pipeline(out / "pipeline", saved_vae(saved), unet, te1, te2)
         report["unet" if args.unet_from is None else "unet_continued"] = {
                           "steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
                           "continued_steps": args.unet_continue_steps, "continued_lr": args.unet_continue_lr,
@@ -536,10 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--scorer-decoded needs the scenes' latents in {out / 'vae.pt'}: run the vae stage "
                                  f"(or pass --vae-from) into this --out first, or give --no-scorer-decoded")
             saved = torch.load(out / "vae.pt", weights_only=False)
-            vae = build_vae()
-            vae.load_state_dict(saved["vae"])
-            vae.register_to_config(scaling_factor=saved["scaling_factor"])
-            decoded = decoded_views(vae.to(device).eval(), saved["latents"], device)
+            decoded = decoded_views(saved_vae(saved).to(device).eval(), saved["latents"], device)
             decoded_crops, decoded_texts = object_crops(decoded, data["boxes"], data["descriptions"], size, rng,
                                                         len(images))
             scenes, captions = np.concatenate([scenes, decoded]), captions + captions
