@@ -1,13 +1,15 @@
 """The world's VAE decoder fine-tuned alone on one GPU, then measured against the shipped one (an experiment).
 
 The encoder, and so the latent space the UNet and the subject LoRAs work in, is kept; only the decoder (and its
-post-quant conv) learns, on renders, from latents sampled as the encoder gives them (L1 + MSE), as SD's ft-MSE VAE was
-made. Why: a mug rendered in its region and sent through the shipped VAE the way a pass paints it is "faded" in ~40 %
-of regions (benchmarks/results/world_scorer_decoded_2026-12-04.md). Measured before and after: PSNR on held-out renders,
-faded on truth decoded as a pass, naming on VAE-decoded truth, the base model's inpainting gate (whole-object settings).
-The decoder comes back as $OUT/vae.tar. Usage on the device machine: python3 benchmarks/world_decoder_gpu.py SECONDS
-[SCENES BATCH] (defaults 20,000 scenes, batch 128; on a CPU it runs too, smaller). Not yet run on a GPU: no device was
-lent when it was written (2026-12-04); a CPU trial is in the results file above.
+post-quant conv) learns (``train.train_decoder``: L1 + MSE, latents sampled as the encoder gives them, as SD's ft-MSE
+VAE was made), on scenes and close-ups with random marks on some objects (``world.with_random_marks``). Why: a mug
+rendered in its region and sent through the shipped VAE the way a pass paints it is "faded" in ~40 % of regions, and
+its blue heart does not come back at all — no base scene carries a mark, so the decoder never learned to draw one,
+though the encoder's latents hold it (benchmarks/results/world_decoder_cpu_2026-12-05.md). Measured before and after:
+PSNR on held-out renders, faded on truth decoded as a pass, naming on VAE-decoded truth, the base model's inpainting
+gate (whole-object settings). The decoder comes back as $OUT/vae.tar. Usage on the device machine:
+python3 benchmarks/world_decoder_gpu.py SECONDS [SCENES BATCH] (defaults 20,000 scenes + as many close-ups, batch
+128). Not yet run on a GPU (none was lent on 2026-12-04 and 12-05); the CPU runs are in the results file above.
 """
 import json
 import os
@@ -16,7 +18,6 @@ import tarfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from helpers.models import load_models
 from helpers.notebook import make_config
@@ -42,34 +43,31 @@ def measure(tag: str) -> dict:
     return result
 
 
+def step_seconds(vae, batch: int) -> float:
+    """Seconds one decoder step takes here (timed on a copy, so the run's steps fit ``seconds``)."""
+    import copy
+
+    probe = copy.deepcopy(vae)
+    x = torch.zeros(2 * batch, 128, 128, 3, dtype=torch.uint8)
+    wt.train_decoder(probe, x, 2, batch, torch.device(DEVICE), lambda _: None)
+    start = time.perf_counter()
+    wt.train_decoder(probe, x, 3, batch, torch.device(DEVICE), lambda _: None)
+    return (time.perf_counter() - start) / 3
+
+
 def main(seconds: float, scenes: int = 20_000, batch: int = 128) -> None:
     from diffusers import AutoencoderKL
 
     report = {"before": measure("before")}
-    data = wt.render_dataset(scenes, first_seed=0, workers=max(1, (os.cpu_count() or 2) - 1))
+    data = wt.render_dataset(scenes, first_seed=0, workers=max(1, (os.cpu_count() or 2) - 1), closeups=scenes,
+                             marks=True)
     train = torch.from_numpy(data["images"])  # vae_psnr and the measures use scenes far above these seeds
-    vae = AutoencoderKL.from_pretrained(VAE, torch_dtype=torch.float32).to(DEVICE)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    g = torch.Generator().manual_seed(5)
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        x = wt._to_unit(train[torch.randint(0, len(train), (batch,), generator=g)].to(DEVICE))
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            recon = vae.decode(z).sample
-        loss = F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 500 == 0:
-            print(f"decoder step {step} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        step += 1
-    report["decoder"] = {"steps": step, "batch": batch, "scenes": scenes, "lr": 1e-4,
+    vae = AutoencoderKL.from_pretrained(VAE, torch_dtype=torch.float32)
+    steps = max(1, int(seconds / step_seconds(vae, batch)))
+    start = time.perf_counter()
+    wt.train_decoder(vae, train, steps, batch, torch.device(DEVICE), print)
+    report["decoder"] = {"steps": steps, "batch": batch, "scenes": scenes, "closeups": scenes, "marks": True,
+                         "lr": wt.DECODER_LR,
                          "seconds": round(time.perf_counter() - start, 1)}
     vae.eval().to(torch.float16).save_pretrained(VAE, safe_serialization=True)
     with tarfile.open(f"{OUT}/vae.tar", "w") as tar:

@@ -45,6 +45,7 @@ class WorldObject:
     size: float  # side of the object's box, fraction of the image
     facing: int = 1  # +1 right, -1 left (cat head, mug handle)
     mark: str | None = None  # a personal subject's distinctive mark ("star", "heart")
+    mark_color: str | None = None  # one of COLORS; None: the mark's own colour (MARK_COLORS)
 
     def box(self, size: int = SIZE) -> tuple[int, int, int, int]:
         half = self.size * size / 2
@@ -274,17 +275,32 @@ def render(spec: SceneSpec, size: int = SIZE) -> Image.Image:
         color = np.where(_pattern_mask(obj, big, window)[..., None], second, base) * shade
         if (mark := _mark(obj, big)) is not None:
             m = np.asarray(mark, np.float32)[window][..., None] / 255
-            color = color * (1 - m) + np.array(MARK_COLORS[obj.mark], np.float32) * m
+            mark_color = COLORS[obj.mark_color] if obj.mark_color else MARK_COLORS[obj.mark]
+            color = color * (1 - m) + np.array(mark_color, np.float32) * m
         canvas[window] = canvas[window] * (1 - shape) + color * shape
     canvas = canvas * np.array(LIGHTS[spec.light], np.float32) * spec.brightness
     image = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
     return image.resize((size, size), Image.LANCZOS)
 
 
-def render_scene(seed: int, n_objects: int | None = None, caption_drop: float = 0.0) -> Scene:
-    """Scene number ``seed``: the image, its caption and each object's box (pixels, left to right)."""
+def with_random_marks(spec: SceneSpec, rng: random.Random, rate: float = 0.7) -> SceneSpec:
+    """``spec`` with a mark of any shape and colour on some of its objects: details no base scene has, for training
+    the VAE, which (like SDXL's) must reproduce whatever a picture holds, a subject's mark included. The captions,
+    the UNet's and the scorer's data never show marks."""
+    def marked(obj: WorldObject) -> WorldObject:
+        if rng.random() >= rate:
+            return obj
+        return replace(obj, mark=rng.choice(tuple(MARK_COLORS)),
+                       mark_color=rng.choice([c for c in COLORS if c != obj.color]))
+    return replace(spec, objects=tuple(marked(o) for o in spec.objects))
+
+
+def render_scene(seed: int, n_objects: int | None = None, caption_drop: float = 0.0, marks: bool = False) -> Scene:
+    """Scene number ``seed``: the image, its caption and each object's box (pixels, left to right); ``marks``:
+    random marks on some objects (``with_random_marks``; the same scene otherwise)."""
     rng = random.Random(seed)
     spec = sample_spec(rng, n_objects)
+    spec = with_random_marks(spec, random.Random(f"marks-{seed}")) if marks else spec
     return Scene(render(spec), caption(spec, rng if caption_drop else None, caption_drop), spec,
                  [o.box() for o in spec.objects])
 
@@ -292,7 +308,7 @@ def render_scene(seed: int, n_objects: int | None = None, caption_drop: float = 
 CLOSEUP_FILL = (0.5, 0.85)  # a close-up's object side as a fraction of the picture's side
 
 
-def render_closeup(seed: int, caption_drop: float = 0.0) -> Scene:
+def render_closeup(seed: int, caption_drop: float = 0.0, marks: bool = False) -> Scene:
     """Close-up number ``seed``: a square crop around one object of a rendered scene, upscaled to the scene's size, as
     the method's subject pass sees a region (the crop of a 128 px scene around a region, upscaled to the pass size).
     The object fills ``CLOSEUP_FILL`` of the side; objects whose centre falls inside the crop are in its caption;
@@ -301,6 +317,7 @@ def render_closeup(seed: int, caption_drop: float = 0.0) -> Scene:
     inpainting (``evaluate.inpaint_accuracy``: 50.0 % vs 52.5 %, MODEL_CARD), so the shipped weights have none."""
     rng = random.Random(f"closeup-{seed}")
     spec = sample_spec(rng)
+    spec = with_random_marks(spec, random.Random(f"closeup-marks-{seed}")) if marks else spec
     main = rng.choice(spec.objects)
     side = min(1.0, main.size / rng.uniform(*CLOSEUP_FILL))
     left = min(max(main.cx - side / 2 + rng.uniform(-0.1, 0.1) * side, 0.0), 1.0 - side)

@@ -1,7 +1,7 @@
 """Trains the ``world`` profile's models on rendered scenes: ``python -m helpers.world.train --out <folder>``.
 
 One reproducible command (fixed seeds), meant for one GPU (about 15 minutes on an H100), in four stages that can also
-run one at a time (``--stages``) and resume from what an earlier stage wrote into ``--out``:
+run one at a time (``--stages``) and resume from what an earlier stage wrote into ``--out``, and a fifth run alone:
 
 1. ``data``: render scenes with captions (CPU processes) and tokenize every caption once.
 2. ``vae``: an ``AutoencoderKL`` with SDXL's 8x downsampling (16x16 latents at 128 px); reports PSNR on held-out
@@ -13,6 +13,9 @@ run one at a time (``--stages``) and resume from what an earlier stage wrote int
 4. ``scorer``: an open_clip model with its own config trained contrastively on (render, caption) pairs and on
    (object crop, "a red striped cat") pairs, each also as the VAE decodes the render (``--scorer-decoded``: generated
    pictures look decoded), saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
+5. ``decoder`` (not in the default stages): the VAE's decoder fine-tuned alone, its encoder frozen, on scenes and
+   close-ups (``--closeups``: a pass decodes a region's crop upscaled); the latents, the UNet and every LoRA stay valid.
+   ``--stages data,decoder --vae-from models/world/pipeline/vae`` sharpens the shipped VAE.
 
 The result: ``<out>/pipeline`` (``save_pretrained``, fp16 safetensors) and ``<out>/scorer`` (config + weights) plus
 ``<out>/training_report.json``; ``helpers.world.evaluate`` measures their quality.
@@ -59,17 +62,18 @@ SCORER_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 CAPTION_DROP = 0.2  # each attribute word, a single object's position and the light are left out this often
+DECODER_LR = 2e-4  # a fifth of the VAE's peak: the decoder starts from a trained VAE
 UNCOND_RATE = 0.1  # captions replaced by "" so classifier-free guidance has an unconditional model
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------------------
-def _render_chunk(seeds: range, closeups: bool = False, pairs: bool = False) -> tuple:
+def _render_chunk(seeds: range, closeups: bool = False, pairs: bool = False, marks: bool = False) -> tuple:
     images, captions, boxes, descriptions, emptied, removed = [], [], [], [], [], []
     render = world.render_closeup if closeups else world.render_scene
     for seed in seeds:
-        scene = render(seed, caption_drop=CAPTION_DROP)
+        scene = render(seed, caption_drop=CAPTION_DROP, marks=marks)
         images.append(np.asarray(scene.image))
         captions.append(scene.caption)
         boxes.append([list(b) for b in scene.boxes])
@@ -82,11 +86,13 @@ def _render_chunk(seeds: range, closeups: bool = False, pairs: bool = False) -> 
     return np.stack(images), captions, boxes, descriptions, emptied, removed
 
 
-def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0, pairs: bool = False) -> dict:
+def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0, pairs: bool = False,
+                   marks: bool = False) -> dict:
     """``n`` scenes from seeds ``first_seed..`` then ``closeups`` close-ups (``world.render_closeup``, seeds from 0):
     uint8 images (N, 128, 128, 3), captions, boxes, object words; with ``pairs``, for every scene (not the close-ups)
     the same scene with one object left out ("emptied") and that object's box ("removed"), for ``train_unet``'s
-    inpainting pairs (empty otherwise: they double the rendering)."""
+    inpainting pairs (empty otherwise: they double the rendering). ``marks``: random marks on objects
+    (``world.with_random_marks``), for the decoder stage only."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -94,8 +100,8 @@ def render_dataset(n: int, first_seed: int, workers: int, closeups: int = 0, pai
     ranges = [range(s, min(s + chunk, first_seed + n)) for s in range(first_seed, first_seed + n, chunk)]
     closeup_ranges = [range(s, min(s + chunk, closeups)) for s in range(0, closeups, chunk)]
     with ProcessPoolExecutor(workers) as pool:
-        parts = (list(pool.map(partial(_render_chunk, pairs=pairs), ranges))
-                 + list(pool.map(partial(_render_chunk, closeups=True), closeup_ranges)))
+        parts = (list(pool.map(partial(_render_chunk, pairs=pairs, marks=marks), ranges))
+                 + list(pool.map(partial(_render_chunk, closeups=True, marks=marks), closeup_ranges)))
     return {"images": np.concatenate([p[0] for p in parts]), "captions": [c for p in parts for c in p[1]],
             "boxes": [b for p in parts for b in p[2]], "descriptions": [d for p in parts for d in p[3]],
             "emptied": np.array([e for p in parts for e in p[4]], np.uint8),
@@ -174,7 +180,6 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(1)
     n_held_out = min(256, len(images) // 8)
-    held_out = _to_unit(images[-n_held_out:].to(device))
     train = images[:-n_held_out]
     start = time.perf_counter()
     for step in range(steps):
@@ -191,12 +196,47 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device
         opt.step()
         if step % 500 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
-    vae.eval()
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(held_out).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = F.mse_loss((recon + 1) / 2, (held_out + 1) / 2, reduction="none").mean(dim=(1, 2, 3))
-        psnr = float((10 * torch.log10(1 / mse)).mean())
-    return vae, psnr
+    return vae.eval(), heldout_psnr(vae, images[-n_held_out:], device)
+
+
+@torch.no_grad()
+def heldout_psnr(vae, images: torch.Tensor, device: torch.device) -> float:
+    """Mean PSNR (dB) of ``images`` (uint8, N x H x W x 3) encoded (posterior mode) and decoded by ``vae``."""
+    x = _to_unit(images.to(device))
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2, reduction="none").mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, device: torch.device, log,
+                  lr: float = DECODER_LR) -> None:
+    """Fine-tunes ``vae``'s decoder (and post-quant conv) in place with its encoder frozen, as SD's ft-MSE VAE was
+    made: the latent space the UNet and every LoRA work in stays the same, only what is drawn from it sharpens. L1 +
+    MSE on ``images`` (renders; close-ups among them look like a pass's crop) from latents sampled as the encoder
+    gives them."""
+    vae.to(device).train()
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, max(1, steps // 20))
+        x = _to_unit(images[torch.randint(0, len(images), (batch,), generator=g)].to(device, non_blocking=True))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            recon = vae.decode(z).sample
+        loss = F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -436,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                              "pairs; 0: none). The shipped weights have none: 0.5 for 3,000 steps lifted the "
                              "inpainting measure from 52.5 to 55.0 %% only (MODEL_CARD)")
     parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--decoder-steps", type=int, default=600,
+                        help="the decoder stage (not in the default stages): steps of fine-tuning the decoder alone")
+    parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument("--decoder-lr", type=float, default=DECODER_LR)
     parser.add_argument("--unet-steps", type=int, default=5500)
     parser.add_argument("--unet-lr", type=float, default=6e-4)
     parser.add_argument("--unet-continue-steps", type=int, default=6500,
@@ -482,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         report["data"] = {"scenes": args.scenes, "closeups": args.closeups, "seconds": round(time.perf_counter() - start, 1),
                           "distinct_captions": len(set(data["captions"]))}
         log(f"data: {args.scenes} scenes in {report['data']['seconds']} s")
-    data = torch.load(data_file, weights_only=False)
-    images = data["images"]
+    if stages & {"vae", "unet", "scorer"}:  # the decoder stage renders views of its own
+        data = torch.load(data_file, weights_only=False)
+        images = data["images"]
     if "vae" in stages:
         start = time.perf_counter()
         vae, psnr = train_vae(images, args.vae_steps, args.batch, device, log)
@@ -496,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                          "scaling_factor": round(vae.config.scaling_factor, 5),
                          "seconds": round(time.perf_counter() - start, 1)}
         log(f"vae: PSNR {psnr:.2f} dB on held-out renders, scaling factor {vae.config.scaling_factor:.4f}")
-    if args.vae_from and not (out / "vae.pt").exists():  # a VAE trained earlier (the shipped one): encode with it
+    if args.vae_from and not (out / "vae.pt").exists() and stages & {"unet", "scorer"}:  # encode with a saved VAE
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).to(device).eval()
@@ -505,6 +550,32 @@ def main(argv: list[str] | None = None) -> int:
                     "latents": encode_latents(vae, images, device) * vae.config.scaling_factor,
                     "emptied": _emptied_latents(vae, data, device)}, out / "vae.pt")
         report["vae"] = {**report.get("vae", {}), "from": str(args.vae_from)}
+    if "decoder" in stages:
+        start = time.perf_counter()
+        if (out / "vae.pt").exists():
+            saved = torch.load(out / "vae.pt", weights_only=False)
+            vae = saved_vae(saved)
+        elif args.vae_from:
+            from diffusers import AutoencoderKL
+
+            saved, vae = None, AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32)
+        else:
+            raise SystemExit(f"the decoder stage fine-tunes a trained VAE: run the vae stage into {out} first, or pass "
+                             f"--vae-from <a saved VAE folder>")
+        views = torch.from_numpy(render_dataset(args.scenes, 0, args.workers, args.closeups, marks=True)["images"])
+        held_out = views[-max(1, min(256, len(views) // 8)):]
+        before = heldout_psnr(vae.to(device).eval(), held_out, device)
+        train_decoder(vae, views[:-len(held_out)], args.decoder_steps, args.decoder_batch, device, log,
+                      args.decoder_lr)
+        after = heldout_psnr(vae, held_out, device)
+        if saved is not None:  # the encoder, so the latents, unchanged
+            saved["vae"] = {k: v.cpu() for k, v in vae.state_dict().items()}
+            torch.save(saved, out / "vae.pt")
+        vae.to(torch.float16).save_pretrained(out / "pipeline" / "vae", safe_serialization=True)
+        report["decoder"] = {"steps": args.decoder_steps, "batch": args.decoder_batch, "lr": args.decoder_lr,
+                             "scenes": args.scenes, "closeups": args.closeups, "psnr_held_out_db_before": round(before, 2),
+                             "psnr_held_out_db": round(after, 2), "seconds": round(time.perf_counter() - start, 1)}
+        log(f"decoder: PSNR {before:.2f} -> {after:.2f} dB on held-out renders")
     if "unet" in stages:
         start = time.perf_counter()
         saved = torch.load(out / "vae.pt", weights_only=False)
