@@ -13,9 +13,10 @@ run one at a time (``--stages``) and resume from what an earlier stage wrote int
 4. ``scorer``: an open_clip model with its own config trained contrastively on (render, caption) pairs and on
    (object crop, "a red striped cat") pairs, each also as the VAE decodes the render (``--scorer-decoded``: generated
    pictures look decoded), saved as safetensors for ``create_model_and_transforms(pretrained=...)``.
-5. ``decoder`` (not in the default stages): the VAE's decoder fine-tuned alone, its encoder frozen, on scenes and
-   close-ups (``--closeups``: a pass decodes a region's crop upscaled); the latents, the UNet and every LoRA stay valid.
-   ``--stages data,decoder --vae-from models/world/pipeline/vae`` sharpens the shipped VAE.
+5. ``decoder`` (not in the default stages): the VAE's decoder fine-tuned alone, its encoder frozen, so the latents,
+   the UNet and every LoRA stay valid; on views it renders itself (``--scenes`` scenes and ``--closeups`` close-ups,
+   a pass's look, with random marks on objects, ``world.with_random_marks``: the shipped VAE never saw a mark and
+   erases the subjects'). ``--stages decoder --vae-from models/world/pipeline/vae`` starts from the shipped VAE.
 
 The result: ``<out>/pipeline`` (``save_pretrained``, fp16 safetensors) and ``<out>/scorer`` (config + weights) plus
 ``<out>/training_report.json``; ``helpers.world.evaluate`` measures their quality.
@@ -211,9 +212,8 @@ def heldout_psnr(vae, images: torch.Tensor, device: torch.device) -> float:
 def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, device: torch.device, log,
                   lr: float = DECODER_LR) -> None:
     """Fine-tunes ``vae``'s decoder (and post-quant conv) in place with its encoder frozen, as SD's ft-MSE VAE was
-    made: the latent space the UNet and every LoRA work in stays the same, only what is drawn from it sharpens. L1 +
-    MSE on ``images`` (renders; close-ups among them look like a pass's crop) from latents sampled as the encoder
-    gives them."""
+    made: the latent space the UNet and every LoRA work in stays the same, only what is drawn from it changes. L1 +
+    MSE on ``images`` (uint8 renders) from latents sampled as the encoder gives them."""
     vae.to(device).train()
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
@@ -573,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(saved, out / "vae.pt")
         vae.to(torch.float16).save_pretrained(out / "pipeline" / "vae", safe_serialization=True)
         report["decoder"] = {"steps": args.decoder_steps, "batch": args.decoder_batch, "lr": args.decoder_lr,
-                             "scenes": args.scenes, "closeups": args.closeups, "psnr_held_out_db_before": round(before, 2),
-                             "psnr_held_out_db": round(after, 2), "seconds": round(time.perf_counter() - start, 1)}
+                             "scenes": args.scenes, "closeups": args.closeups, "marks": True,
+                             "psnr_held_out_db_before": round(before, 2), "psnr_held_out_db": round(after, 2),
+                             "seconds": round(time.perf_counter() - start, 1)}
         log(f"decoder: PSNR {before:.2f} -> {after:.2f} dB on held-out renders")
     if "unet" in stages:
         start = time.perf_counter()
