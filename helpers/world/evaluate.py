@@ -207,28 +207,40 @@ def inpaint_measure_on_truth(config: ProjectConfig, scorer, seeds: int = 8, firs
 FADED_TRUTH_SEED = 700_000  # the scenes of tests/test_measures.py
 
 
+def _subjects_through_passes(models: ModelBundle, config: ProjectConfig, scenes: int, first_seed: int):
+    """Per scene ``first_seed..``: the config's subjects rendered in their regions of the default layout (its
+    ``SceneSpec`` and picture) and that picture with every region sent through the VAE as a pass paints it
+    (``pipeline.region_round_trip``); first the layout's masks."""
+    from ..layout import default_layout, masks
+    from ..pipeline import region_round_trip
+
+    layout = default_layout(config.subject_names, config.resolution, config.resolution)
+    masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
+    yield masks_
+    regions = {r.subject: (r.x, r.y, r.w, r.h) for r in layout.regions}
+    for seed in range(first_seed, first_seed + scenes):
+        spec = world.subjects_in_regions(regions, seed)
+        image = decoded = world.render(spec, config.resolution)
+        for name in config.subject_names:
+            decoded = region_round_trip(models, config, decoded, masks_, name)
+        yield spec, image, decoded
+
+
 def faded_on_truth(models: ModelBundle, config: ProjectConfig, scorer, scenes: int = 60,
                    first_seed: int = FADED_TRUTH_SEED) -> dict[str, dict[str, float]]:
     """The report's "faded" (identity on a subject's own pixels under its QA threshold) on rendered truth: the
     config's subjects rendered in their regions of the default layout, judged as rendered and with every region sent
     through the VAE as a pass paints it (``pipeline.region_round_trip``). Share faded per subject, and mean identity:
     what a faithful generator would score."""
-    from ..layout import default_layout, masks
     from ..measures import own_crops
-    from ..pipeline import region_round_trip
     from ..qa import subject_thresholds
 
     names = config.subject_names
-    layout = default_layout(names, config.resolution, config.resolution)
-    masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
-    regions = {r.subject: (r.x, r.y, r.w, r.h) for r in layout.regions}
     thresholds = subject_thresholds(scorer, config)
     scores: dict[tuple[str, str], list[float]] = {(k, n): [] for k in ("rendered", "decoded as a pass") for n in names}
-    for seed in range(first_seed, first_seed + scenes):
-        image = world.render(world.subjects_in_regions(regions, seed), config.resolution)
-        decoded = image
-        for name in names:
-            decoded = region_round_trip(models, config, decoded, masks_, name)
+    truth = _subjects_through_passes(models, config, scenes, first_seed)
+    masks_ = next(truth)
+    for _, image, decoded in truth:
         for kind, picture in (("rendered", image), ("decoded as a pass", decoded)):
             crops = own_crops(picture, masks_, names)
             for name in names:
@@ -242,26 +254,15 @@ def marks_kept_on_truth(models: ModelBundle, config: ProjectConfig, scenes: int 
     """How much of each subject's mark (the cat's star, the mug's heart: what no base object has) comes back when
     its region goes through the VAE as a pass paints it, per subject: 1 − (error on the mark's pixels) / (the error
     of the same subject drawn without its mark). 1: the mark as rendered; 0: erased, as if never there."""
-    from ..layout import default_layout, masks
-    from ..pipeline import region_round_trip
-
-    names = config.subject_names
-    layout = default_layout(names, config.resolution, config.resolution)
-    masks_ = masks(layout, config.resolution, config.resolution, config.effective_feather_px)
-    regions = {r.subject: (r.x, r.y, r.w, r.h) for r in layout.regions}
-    errors: dict[str, list[float]] = {n: [] for n in names}
-    for seed in range(first_seed, first_seed + scenes):
-        spec = world.subjects_in_regions(regions, seed)
-        picture = world.render(spec, config.resolution)
-        rendered = np.asarray(picture, np.float32)
+    errors: dict[str, list[float]] = {n: [] for n in config.subject_names}
+    truth = _subjects_through_passes(models, config, scenes, first_seed)
+    masks_ = next(truth)
+    for spec, image, decoded in truth:
+        rendered, decoded = np.asarray(image, np.float32), np.asarray(decoded, np.float32)
         unmarked = np.asarray(world.render(replace(spec, objects=tuple(replace(o, mark=None) for o in spec.objects)),
                                            config.resolution), np.float32)
-        decoded = picture
-        for name in names:
-            decoded = region_round_trip(models, config, decoded, masks_, name)
-        decoded = np.asarray(decoded, np.float32)
         mark = np.abs(rendered - unmarked).sum(-1) > 60  # the mark's pixels (its colour differs from the body's)
-        for name in names:
+        for name in config.subject_names:
             on_mark = mark & masks_.support[name]
             if on_mark.any():
                 erased = np.abs(unmarked - rendered)[on_mark].mean()

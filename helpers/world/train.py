@@ -180,8 +180,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device
     vae = build_vae().to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(1)
-    n_held_out = min(256, len(images) // 8)
-    train = images[:-n_held_out]
+    train, held_out = held_out_split(images)
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
@@ -197,7 +196,13 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, device: torch.device
         opt.step()
         if step % 500 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
-    return vae.eval(), heldout_psnr(vae, images[-n_held_out:], device)
+    return vae.eval(), heldout_psnr(vae, held_out, device)
+
+
+def held_out_split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held out): the last eighth of ``images``, at least one and at most 256, is held out."""
+    n = max(1, min(256, len(images) // 8))
+    return images[:-n], images[-n:]
 
 
 @torch.no_grad()
@@ -563,10 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the decoder stage fine-tunes a trained VAE: run the vae stage into {out} first, or pass "
                              f"--vae-from <a saved VAE folder>")
         views = torch.from_numpy(render_dataset(args.scenes, 0, args.workers, args.closeups, marks=True)["images"])
-        held_out = views[-max(1, min(256, len(views) // 8)):]
+        train, held_out = held_out_split(views)
         before = heldout_psnr(vae.to(device).eval(), held_out, device)
-        train_decoder(vae, views[:-len(held_out)], args.decoder_steps, args.decoder_batch, device, log,
-                      args.decoder_lr)
+        train_decoder(vae, train, args.decoder_steps, args.decoder_batch, device, log, args.decoder_lr)
         after = heldout_psnr(vae, held_out, device)
         if saved is not None:  # the encoder, so the latents, unchanged
             saved["vae"] = {k: v.cpu() for k, v in vae.state_dict().items()}
