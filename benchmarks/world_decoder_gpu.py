@@ -5,11 +5,14 @@ post-quant conv) learns (``train.train_decoder``: L1 + MSE, latents sampled as t
 VAE was made), on scenes and close-ups with random marks on some objects (``world.with_random_marks``). Why: a mug
 rendered in its region and sent through the shipped VAE the way a pass paints it is "faded" in ~40 % of regions, and
 its blue heart does not come back at all — no base scene carries a mark, so the decoder never learned to draw one,
-though the encoder's latents hold it (benchmarks/results/world_decoder_cpu_2026-12-05.md). Measured before and after:
-PSNR on held-out renders, faded on truth decoded as a pass, naming on VAE-decoded truth, the base model's inpainting
-gate (whole-object settings). The decoder comes back as $OUT/vae.tar. Usage on the device machine:
-python3 benchmarks/world_decoder_gpu.py SECONDS [SCENES BATCH] (defaults 20,000 scenes + as many close-ups, batch
-128). Not yet run on a GPU (none was lent on 2026-12-04 and 12-05); the CPU runs are in the results file above.
+though the encoder's latents hold it (benchmarks/results/world_decoder_cpu_2026-12-05.md). Measured before and after,
+all on rendered truth: PSNR on held-out renders, marks kept, faded on truth decoded as a pass, naming on VAE-decoded
+truth, and the base model's inpainting gate (whole-object settings).
+
+Usage on the device machine (the views are rendered once, then any number of runs share them and the GPU):
+  python3 benchmarks/world_decoder_gpu.py render [SCENES]            # SCENES scenes + as many close-ups (20,000)
+  python3 benchmarks/world_decoder_gpu.py before                      # the shipped VAE's measures
+  python3 benchmarks/world_decoder_gpu.py train TAG SECONDS [LR BATCH] # -> $OUT/vae-TAG.tar, $OUT/decoder-TAG.json
 """
 import json
 import os
@@ -17,6 +20,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import torch
 
 from helpers.models import load_models
@@ -28,19 +32,32 @@ from helpers.world import train as wt
 OUT = os.environ.get("OUT", "/tmp/out")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VAE = "models/world/pipeline/vae"
+VIEWS = "/tmp/decoder_views.npy"
 
 
-def measure(tag: str) -> dict:
+def measure(tag: str, vae=None) -> dict:
     config = make_config("world", output_dir=f"/tmp/ev/{tag}")
     models = load_models(config, device=DEVICE)
+    if vae is not None:
+        models.vae.load_state_dict(vae.state_dict())
     scorer = ClipScorer.for_config(config, device=DEVICE)
     whole = config.replace(inpaint_strength=1.0, inpaint_resample=5, region_attention=4.0)
     result = {"vae_psnr_db": round(we.vae_psnr(models), 2),
+              "marks_kept": we.marks_kept_on_truth(models, config),
               "faded_on_truth": we.faded_on_truth(models, config, scorer),
               "decoded_truth": str(we.inpaint_measure_on_truth(config, scorer, 16, decoded_by=models)["all"]),
               "gate_whole_object": str(we.inpaint_accuracy(models, whole, scorer, 8)["all"])}
     print(tag, json.dumps(result), flush=True)
+    with open(f"{OUT}/measures-{tag}.json", "w") as f:
+        json.dump(result, f, indent=1)
     return result
+
+
+def render(scenes: int = 20_000) -> None:
+    data = wt.render_dataset(scenes, first_seed=0, workers=max(1, (os.cpu_count() or 2) - 1), closeups=scenes,
+                             marks=True)  # the measures use scenes far above these seeds
+    np.save(VIEWS + ".tmp.npy", data["images"])
+    os.replace(VIEWS + ".tmp.npy", VIEWS)
 
 
 def step_seconds(vae, batch: int) -> float:
@@ -55,33 +72,31 @@ def step_seconds(vae, batch: int) -> float:
     return (time.perf_counter() - start) / 3
 
 
-def main(seconds: float, scenes: int = 20_000, batch: int = 128) -> None:
+def train(tag: str, seconds: float, lr: float = wt.DECODER_LR, batch: int = 128) -> None:
     from diffusers import AutoencoderKL
 
-    report = {"before": measure("before")}
-    data = wt.render_dataset(scenes, first_seed=0, workers=max(1, (os.cpu_count() or 2) - 1), closeups=scenes,
-                             marks=True)
-    train = torch.from_numpy(data["images"])  # vae_psnr and the measures use scenes far above these seeds
+    images = torch.from_numpy(np.load(VIEWS))
     vae = AutoencoderKL.from_pretrained(VAE, torch_dtype=torch.float32)
     steps = max(1, int(seconds / step_seconds(vae, batch)))
     start = time.perf_counter()
-    wt.train_decoder(vae, train, steps, batch, torch.device(DEVICE), print)
-    report["decoder"] = {"steps": steps, "batch": batch, "scenes": scenes, "closeups": scenes, "marks": True,
-                         "lr": wt.DECODER_LR,
-                         "seconds": round(time.perf_counter() - start, 1)}
-    vae.eval().to(torch.float16).save_pretrained(VAE, safe_serialization=True)
-    with tarfile.open(f"{OUT}/vae.tar", "w") as tar:
-        tar.add(VAE, arcname="vae")
-    report["after"] = measure("after")
-    with open(f"{OUT}/decoder_report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"{'':<26}{'before':>28}{'after':>28}")
-    for key in ("vae_psnr_db", "decoded_truth", "gate_whole_object"):
-        print(f"{key:<26}{str(report['before'][key]):>28}{str(report['after'][key]):>28}")
-    for key in report["before"]["faded_on_truth"]:
-        b, a = report["before"]["faded_on_truth"][key], report["after"]["faded_on_truth"][key]
-        print(f"{'faded ' + key:<26}{b['faded']:>22.3f} {b['identity']:.3f}{a['faded']:>22.3f} {a['identity']:.3f}")
+    wt.train_decoder(vae, images, steps, batch, torch.device(DEVICE), print, lr=lr)
+    run = {"steps": steps, "batch": batch, "views": len(images), "marks": True, "lr": lr,
+           "seconds": round(time.perf_counter() - start, 1)}
+    saved = f"/tmp/decoder-{tag}/vae"
+    vae.eval().to(torch.float16).save_pretrained(saved, safe_serialization=True)
+    with tarfile.open(f"{OUT}/vae-{tag}.tar", "w") as tar:
+        tar.add(saved, arcname="vae")
+    run["after"] = measure(tag, vae)
+    with open(f"{OUT}/decoder-{tag}.json", "w") as f:
+        json.dump(run, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), *(int(a) for a in sys.argv[2:4]))
+    what, rest = sys.argv[1], sys.argv[2:]
+    if what == "render":
+        render(*(int(a) for a in rest))
+    elif what == "before":
+        measure("before")
+    else:
+        tag, seconds, *more = rest
+        train(tag, float(seconds), *(float(more[0]),) if more else (), *(int(b) for b in more[1:2]))

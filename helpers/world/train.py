@@ -223,6 +223,8 @@ def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, device: tor
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:  # a VAE this function already tuned comes back frozen
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(5)
     start = time.perf_counter()
