@@ -27,7 +27,7 @@ from .io import save_image_atomic, write_json_atomic, write_text_atomic
 from .layout import Layout, MaskSet, masks
 from .measures import (class_present, find_ghosts, ghost_finder, own_crops, own_pixels, scene_background_share,
                        split_world_of)
-from .models import ModelBundle
+from .models import ModelBundle, weights_digest
 from .pipeline import (GenerationResult, PassJob, coarse_to_fine, one_pass_baseline, pass_candidates, subject_seed,
                        with_regions_from)
 from .profiles import light_judge
@@ -221,11 +221,11 @@ RESULTS_VERSION = 3  # 2: split-world by the share of the scene's background; th
 
 def evaluation_fingerprint(config: ProjectConfig, layout: Layout) -> str:
     """What a stored run must have been made with to be reused: ``RESULTS_VERSION``, every setting but paths and
-    evaluation counts, the layout, and each subject's LoRA file."""
+    evaluation counts, the layout, the base weights (``models.weights_digest``) and each subject's LoRA file."""
     settings = {k: v for k, v in config.to_dict().items()
                 if k not in ("output_dir", "cache_dir", "eval_seeds", "eval_prompts", "extra_scene_prompts")}
-    digest = hashlib.sha256(json.dumps([RESULTS_VERSION, settings, layout.to_dict()], sort_keys=True,
-                                       default=str).encode())
+    digest = hashlib.sha256(json.dumps([RESULTS_VERSION, settings, layout.to_dict(), weights_digest(config.profile)],
+                                       sort_keys=True, default=str).encode())
     for subject in config.subjects:
         lora = config.lora_file_path(subject)
         digest.update(lora.read_bytes() if lora.exists() else b"no lora")

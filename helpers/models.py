@@ -126,6 +126,19 @@ def load_models(config: ProjectConfig, device: str | torch.device | None = None,
     return ModelBundle(config.profile, txt2img, inpaint, device, dtype, source)
 
 
+def weights_digest(profile: str) -> str:
+    """The base weights a profile's pictures and scores come from: for ``world`` a digest of every shipped file
+    (a retrained decoder or scorer changes it), else ``model_source`` (hub ids and code versions name them)."""
+    if profile != "world":
+        return model_source(profile)
+    import hashlib
+
+    digest = hashlib.sha256(WORLD_VERSION.encode())
+    for path in sorted(p for p in WORLD_DIR.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(path.relative_to(WORLD_DIR).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def model_source(profile: str) -> str:
     """Names the base weights of a profile (part of a LoRA's training fingerprint)."""
     return {"tiny": TINY_VERSION, "world": WORLD_VERSION, "sdxl": f"{SDXL_BASE_ID}+{SDXL_VAE_FP16_FIX_ID}",

@@ -164,6 +164,21 @@ def test_every_method_runs_on_the_same_scene_and_seed_and_every_metric_is_a_colu
     assert all(path.exists() for path in report["figures"].values())
 
 
+def test_stored_runs_are_remade_when_the_world_weights_change(tiny_config, tmp_path, monkeypatch):
+    import helpers.models as hm
+
+    weights = tmp_path / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"decoder 1")
+    monkeypatch.setattr(hm, "WORLD_DIR", tmp_path)
+    world, tiny = tiny_config.replace(profile="world"), tiny_config
+    layout = default_layout(tiny.subject_names, tiny.resolution, tiny.resolution)
+    before = {c.profile: he.evaluation_fingerprint(c, layout) for c in (world, tiny)}
+    weights.write_bytes(b"decoder 2")  # a retrained decoder draws other pictures from the same LoRAs
+    after = {c.profile: he.evaluation_fingerprint(c, layout) for c in (world, tiny)}
+    assert after["world"] != before["world"] and after["tiny"] == before["tiny"]
+
+
 def test_an_interrupted_evaluation_continues_and_a_changed_setting_is_measured_again(evaluated, evaluation_models):
     tiny_models = evaluation_models
     config, layout, judges, folder, scenes, seeds, first = evaluated
