@@ -134,7 +134,9 @@ def weights_digest(profile: str) -> str:
     import hashlib
 
     digest = hashlib.sha256(WORLD_VERSION.encode())
-    for path in sorted(p for p in WORLD_DIR.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+    weights = (p for p in WORLD_DIR.rglob("*") if p.is_file() and p.parent != WORLD_DIR  # not the card or report
+               and p.suffix in (".safetensors", ".json"))
+    for path in sorted(weights):
         digest.update(path.relative_to(WORLD_DIR).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
