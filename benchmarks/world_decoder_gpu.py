@@ -99,4 +99,6 @@ if __name__ == "__main__":
         measure("before")
     else:
         tag, seconds, *more = rest
-        train(tag, float(seconds), *(float(more[0]),) if more else (), *(int(b) for b in more[1:2]))
+        lr = float(more[0]) if more else wt.DECODER_LR
+        batch = int(more[1]) if len(more) > 1 else 128
+        train(tag, float(seconds), lr, batch)

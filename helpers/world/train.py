@@ -221,12 +221,10 @@ def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, device: tor
     """Fine-tunes ``vae``'s decoder (and post-quant conv) in place with its encoder frozen, as SD's ft-MSE VAE was
     made: the latent space the UNet and every LoRA work in stays the same, only what is drawn from it changes. L1 +
     MSE on ``images`` (uint8 renders) from latents sampled as the encoder gives them."""
-    vae.to(device).train()
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
+    vae.to(device).train().requires_grad_(False)  # the encoder and quant conv stay as they are
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in params:  # a VAE this function already tuned comes back frozen
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(5)
     start = time.perf_counter()
