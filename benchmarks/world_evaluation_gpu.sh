@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full world evaluation on one GPU (the lent H200): python -m helpers evaluate for each named configuration,
 # timed, its report and per-run JSON packed into $OUT/<name>.tar.gz; then the world's inpainting gate.
-# Usage on the device machine: bash benchmarks/world_evaluation_gpu.sh main two-cats no-ghost-cleanup inpaint-gate
+# Usage on the device machine: bash benchmarks/world_evaluation_gpu.sh main two-cats no-ghost-cleanup flips inpaint-gate
 # CELLS=N: N processes share the GPU, each making every N-th cell (benchmarks/world_evaluation_cells.py), the report
 # then reads them back; CELL_LIMIT: their seconds (default 520; cells left unmade come back in $OUT/<name>.runs*.tar
 # for a later call); CARRY=<folder>: <folder>/<name> (its loras/, runs/) is copied in first, so carried LoRAs are
@@ -15,6 +15,7 @@ for name in "$@"; do
     main) extra=() ;;
     two-cats) extra=(--preset two-cats) ;;
     no-ghost-cleanup) extra=(-p ghost_cleanup_rounds 0) ;;
+    flips) extra=(-p random_flip True) ;;  # main with the LoRAs' training views mirrored half of the time
     inpaint-gate)
       python3 -c "
 from helpers.notebook import make_config; from helpers.models import load_models; from helpers.scoring import ClipScorer

@@ -178,6 +178,12 @@ class ProjectConfig:
     # In the world 0 and 0.1 faded more after QA (+0.15, benchmarks/results), so it is off (1) by default. In the
     # LoRA's fingerprint with the masks' bytes only when below 1, so LoRAs trained without it stay current
     mask_background_weight: float = setting(1.0, "training", low=0.0, high=1.0)
+    # half of the training views mirrored left-right (diffusers' DreamBooth scripts: off unless asked). A subject
+    # that is not mirror-symmetric (text, a logo, a patch on one side, diagonal stripes) is then learned as a blend of
+    # itself and its mirror image: in the world the mug's LoRA drew its stripes both ways and passed QA in 27 % of
+    # regions instead of 77 % (development seeds 20,000+, benchmarks/results/world_lora_flip_cpu_2026-12-05.md).
+    # In the LoRA's fingerprint only when off
+    random_flip: bool = setting(False, "training")
     prior_preservation: bool = setting(False, "training", hashed=True)
     prior_loss_weight: float = setting(1.0, "training", hashed=True, low=0.0)
     num_class_images: int = setting(4, "training", hashed=True, low=0, tiny=4, sdxl=50, world=8)

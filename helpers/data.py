@@ -210,19 +210,21 @@ def photo_summary(config: ProjectConfig, subject: Subject) -> str:
     return f"{line}; {note.split(': ', 1)[1]}" if note else line
 
 
-def augment(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """Random square crop (80-100 % of the short side) and horizontal flip, resized to ``size``."""
-    return augment_with_mask(image, None, size, rng)[0]
+def augment(image: Image.Image, size: int, rng: random.Random, flip: bool = True) -> Image.Image:
+    """Random square crop (80-100 % of the short side) and, with ``flip``, a horizontal flip half of the time,
+    resized to ``size``."""
+    return augment_with_mask(image, None, size, rng, flip)[0]
 
 
-def augment_with_mask(image: Image.Image, mask: Image.Image | None, size: int,
-                      rng: random.Random) -> tuple[Image.Image, Image.Image | None]:
-    """``augment``, with the same crop and flip applied to the photo's mask (if any)."""
+def augment_with_mask(image: Image.Image, mask: Image.Image | None, size: int, rng: random.Random,
+                      flip: bool = True) -> tuple[Image.Image, Image.Image | None]:
+    """``augment``, with the same crop and flip applied to the photo's mask (if any). The coin for the flip is
+    drawn either way, so the crops do not depend on ``flip``."""
     short = min(image.size)
     crop = int(short * rng.uniform(0.8, 1.0))
     left = rng.randint(0, image.width - crop)
     top = rng.randint(0, image.height - crop)
-    flip = rng.random() < 0.5
+    flip = rng.random() < 0.5 and flip
 
     def view(picture: Image.Image) -> Image.Image:
         out = picture.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)

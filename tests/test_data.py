@@ -85,6 +85,19 @@ def test_augment_is_seeded_and_sized():
     assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_without_flip_no_view_is_mirrored_and_the_crops_stay_the_same():
+    import random
+    photo = _photo()  # its blue block is top left: a mirrored view has it top right
+    views = {flip: [np.asarray(augment(photo, 64, rng, flip)) for rng in [random.Random(1)] for _ in range(12)]
+             for flip in (True, False)}
+    block_on_the_left = [v[..., 2][:, :32].mean() > v[..., 2][:, 32:].mean() for v in views[False]]
+    assert all(block_on_the_left)
+    mirrored = [not np.array_equal(a, b) for a, b in zip(views[True], views[False])]
+    assert any(mirrored) and not all(mirrored)  # a coin per view; unflipped views are the very same crops
+    for a, b, was_mirrored in zip(views[True], views[False], mirrored):
+        assert np.array_equal(a, b[:, ::-1] if was_mirrored else b)
+
+
 def test_demo_subjects_are_distinct_views(tmp_path):
     written = make_demo_subjects(tmp_path)
     assert {p.parent.name for p in written} == {"cat", "mug"}

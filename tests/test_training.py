@@ -237,6 +237,14 @@ def test_masks_weight_the_loss_towards_the_subject_and_enter_the_fingerprint_onl
     assert run_training(weighted, models=tiny_models, progress=False)["cat"].steps_done == 2
 
 
+def test_flips_enter_the_fingerprint_only_when_off(tmp_path):
+    config = _config(tmp_path)
+    flipped, unflipped = (ht.training_fingerprint(config.replace(random_flip=flip), config.subjects[0], "tiny")
+                          for flip in (True, False))
+    assert set(unflipped) - set(flipped) == {"random_flip"}  # LoRAs trained with flips stay current
+    assert flipped["settings"] == unflipped["settings"]
+
+
 def test_subject_loss_weights_follow_the_mask():
     from PIL import Image
 
