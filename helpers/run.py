@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("base", help="the base evaluation's folder (its --out)")
     compare.add_argument("variants", nargs="+", metavar="LABEL=FOLDER",
                          help="a variant's label and folder, e.g. 'no setting rule=output/ablation'")
+    compare.add_argument("--by-subject", action="store_true",
+                         help="then one table per subject (pairs are that subject's regions)")
     refresh = sub.add_parser("refresh-checked-outputs",
                              help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
     refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
     if args.command == "compare":
-        return compare_evaluations(args.base, args.variants)
+        return compare_evaluations(args.base, args.variants, args.by_subject)
     if args.command == "clean-notebooks":
         import nbformat
 
@@ -332,17 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_evaluations(base: str, variants: list[str]) -> int:
-    """Print the paired ablation table (ours and ours+QA of each variant minus the base's)."""
+def compare_evaluations(base: str, variants: list[str], by_subject: bool = False) -> int:
+    """Print the paired ablation table (ours and ours+QA of each variant minus the base's); with ``by_subject``, then
+    the same table for each subject's regions alone."""
     from . import evaluation as he
 
     try:
         labelled = dict(v.split("=", 1) if "=" in v else (Path(v).name, v) for v in variants)
-        rows = he.ablation_differences(he.read_metrics(base), {k: he.read_metrics(v) for k, v in labelled.items()})
+        base_rows, variant_rows = he.read_metrics(base), {k: he.read_metrics(v) for k, v in labelled.items()}
+        print(he.paired_table(he.ablation_differences(base_rows, variant_rows)))
+        for subject in dict.fromkeys(r["subject"] for r in base_rows) if by_subject else []:
+            def own(rows: list[dict]) -> list[dict]:
+                return [r for r in rows if r["subject"] == subject]
+
+            print(f"\n{subject}:")
+            print(he.paired_table(he.ablation_differences(own(base_rows),
+                                                          {k: own(v) for k, v in variant_rows.items()})))
     except (FileNotFoundError, ValueError) as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
-    print(he.paired_table(rows))
     return 0
 
 

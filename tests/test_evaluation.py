@@ -69,7 +69,7 @@ def test_paired_differences_pair_only_the_same_scene_and_seed():
     assert entry["identity_n"] == 1 and entry["identity_diff"] == pytest.approx(0.5)
 
 
-def test_an_ablation_pairs_each_method_with_itself_in_the_base_and_reads_metrics_csv_back(tmp_path):
+def test_an_ablation_pairs_each_method_with_itself_in_the_base_and_reads_metrics_csv_back(tmp_path, capsys):
     from helpers.run import main
 
     base = _rows({"ours": [0.3, 0.4, 0.5], "ours+qa": [0.4, 0.5, 0.6]})
@@ -82,6 +82,14 @@ def test_an_ablation_pairs_each_method_with_itself_in_the_base_and_reads_metrics
     assert by_method["ours+qa [v]"]["identity_diff"] == pytest.approx(-0.1)
     assert by_method["ours+qa [v]"]["identity_n"] == 3
     assert main(["compare", str(tmp_path / "base"), f"v={tmp_path / 'variant'}"]) == 0
+    mugs_better = [{**r, "identity": r["identity"] + 0.3 * (r["subject"] == "mug")} for r in variant]
+    he.write_csv(mugs_better, tmp_path / "mugs" / "report" / "metrics.csv")
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "base"), f"m={tmp_path / 'mugs'}", "--by-subject"]) == 0
+    overall, cat, mug = capsys.readouterr().out.strip().split("\n\n")
+    assert cat.startswith("cat:") and mug.startswith("mug:")
+    assert "| ours+qa [m] − ours+qa | +0.050 ± " in overall  # a picture's identity: the mean of its two subjects
+    assert "| ours+qa [m] − ours+qa | -0.100 ± " in cat and "| ours+qa [m] − ours+qa | +0.200 ± " in mug
     he.write_csv(_rows({"ours": [0.3], "ours+qa": [0.4]}), tmp_path / "short" / "report" / "metrics.csv")
     with pytest.raises(ValueError, match="other \\(scene, seed\\) pairs"):
         he.ablation_differences(base, {"short": he.read_metrics(tmp_path / "short")})
