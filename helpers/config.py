@@ -322,7 +322,8 @@ class ProjectConfig:
         subjects = ", ".join(f"{s.name} ({s.token} {s.class_name})" for s in self.subjects)
         return (f"profile={self.profile} resolution={self.resolution} steps={self.steps} seed={self.seed}\n"
                 f"subjects: {subjects}\n"
-                f"train: steps={self.train_steps} rank={self.lora_rank} lr={self.learning_rate:g}\n"
+                f"train: steps={self.train_steps} rank={self.lora_rank} lr={self.learning_rate:g} "
+                f"random_flip={self.random_flip}\n"
                 f"qa: mode={self.qa_threshold_mode} threshold={self.qa_pass_threshold} "
                 f"max_retries={self.max_retries} candidates={self.qa_candidates} "
                 f"refine_strength={self.refine_strength}")
