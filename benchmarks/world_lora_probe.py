@@ -13,6 +13,7 @@ import argparse
 import statistics
 
 from helpers.adapters import generate, load_subject_loras
+from helpers.config import PRESETS
 from helpers.layout import default_layout, masks
 from helpers.measures import own_crops
 from helpers.models import load_models
@@ -29,9 +30,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--first", type=int, default=30_000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="e.g. two-cats")
     args = parser.parse_args()
     seeds = list(range(args.first, args.first + args.seeds))
-    base = make_config("world", output_dir=args.folders[0])
+    preset = PRESETS[args.preset] if args.preset else {}
+    base = make_config("world", output_dir=args.folders[0], **preset)
     models = load_models(base, device=args.device)
     scorer = ClipScorer.for_config(base, device=args.device)
     thresholds = subject_thresholds(scorer, base)
@@ -40,7 +43,7 @@ def main() -> None:
     scenes = generate(models, base, config_scene_prompts(base).phase0, seeds, adapter=None)
     print(f"{'folder':<28}{'subject':<9}{'text to image':>24}{'first pass':>24}")
     for folder in args.folders:
-        config = make_config("world", output_dir=folder)
+        config = make_config("world", output_dir=folder, **preset)
         for name in list(models.txt2img.get_list_adapters().get("unet", [])):
             models.txt2img.delete_adapters(name)
         load_subject_loras(models, config)
