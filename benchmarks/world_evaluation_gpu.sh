@@ -16,6 +16,7 @@ for name in "$@"; do
     two-cats) extra=(--preset two-cats) ;;
     no-ghost-cleanup) extra=(-p ghost_cleanup_rounds 0) ;;
     flips) extra=(-p random_flip True) ;;  # main with the LoRAs' training views mirrored half of the time
+    two-cats-flips) extra=(--preset two-cats -p random_flip True) ;;
     inpaint-gate)
       python3 -c "
 from helpers.notebook import make_config; from helpers.models import load_models; from helpers.scoring import ClipScorer
@@ -41,6 +42,7 @@ for k, v in we.inpaint_accuracy(models, config, scorer, seeds=8).items(): print(
     wait || true
     made=$(ls "/tmp/ev/$name"/runs/*.json 2>/dev/null | wc -l)
     echo "$name: $made cells after $(( $(date +%s) - start )) s" | tee -a "$OUT/timing.txt"
+    (cd "/tmp/ev/$name" && tar czf "$OUT/$name.loras.tar.gz" loras)  # to carry into a later call
     if [ "$made" -lt 96 ]; then  # of 3 scenes x 32 seeds; unfinished: the cells come back to carry into the next call
       for k in 0 1 2; do
         (cd "/tmp/ev/$name" && tar cf "$OUT/$name.runs$k.tar" runs/scene${k}_* 2>/dev/null || true)

@@ -39,6 +39,12 @@ class Subject:
     # an existing LoRA to use instead of training one (diffusers, kohya or A1111/ComfyUI .safetensors; relative to
     # the project root or absolute); empty: notebook 01 trains it from the photos
     lora_file: str = ""
+    # mirror half of this subject's training views: True only for a subject that looks the same mirrored (more views,
+    # no blend); None follows the config's ``random_flip``
+    mirror: bool | None = None
+
+    def mirrors_views(self, config_random_flip: bool) -> bool:
+        return config_random_flip if self.mirror is None else self.mirror
 
     @property
     def instance_prompt(self) -> str:
@@ -56,12 +62,15 @@ def subject_from(value: Subject | dict) -> Subject:
         return value
     if not isinstance(value, dict) or not {"name", "token", "class_name"} <= set(value):
         raise ValueError(f"ProjectConfig.subjects: each subject needs name, token and class_name, got {value!r}")
-    unknown = set(value) - {"name", "token", "class_name", "data_dir", "lora_dir", "lora_file"}
+    unknown = set(value) - {"name", "token", "class_name", "data_dir", "lora_dir", "lora_file", "mirror"}
     if unknown:
         raise ValueError(f"ProjectConfig.subjects: unknown key(s) {', '.join(sorted(unknown))} in {value!r}")
+    mirror = value.get("mirror")
+    if mirror is not None and not isinstance(mirror, bool):
+        raise ValueError(f"ProjectConfig.subjects: mirror must be true, false or absent, got {mirror!r} in {value!r}")
     name = str(value["name"])
     return Subject(name, str(value["token"]), str(value["class_name"]), str(value.get("data_dir", f"data/{name}")),
-                   str(value.get("lora_dir", f"loras/{name}")), str(value.get("lora_file") or ""))
+                   str(value.get("lora_dir", f"loras/{name}")), str(value.get("lora_file") or ""), mirror)
 
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use

@@ -11,6 +11,7 @@ report to ``<out>/report``. ``python -m helpers train [--profile world] [--out o
 stale. Both split their work over processes when started with ``accelerate launch --multi_gpu --num_processes N -m
 helpers ...`` (NCCL on GPUs; gloo on CPUs with ``--device cpu``): subjects and (scene, seed) cells are dealt out by
 rank, every cell writes its own file, the main process merges them; N processes give the numbers of one.
+``python -m helpers mirror-check [--profile world]`` says which subjects look the same mirrored (``Subject.mirror``).
 """
 from __future__ import annotations
 
@@ -297,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="a variant's label and folder, e.g. 'no setting rule=output/ablation'")
     compare.add_argument("--by-subject", action="store_true",
                          help="then one table per subject (pairs are that subject's regions)")
+    mirror = sub.add_parser("mirror-check", help="whether each subject looks the same mirrored to the scorer "
+                                                 "(advice for a subject's \"mirror\": mirrored training views)")
+    mirror.add_argument("--profile", choices=["auto", "world", "tiny", "sdxl"], default="world")
+    mirror.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    mirror.add_argument("--preset", choices=sorted(PRESETS), default=None)
     refresh = sub.add_parser("refresh-checked-outputs",
                              help="store the outputs of '# NBVAL_CHECK_OUTPUT' cells from executed copies")
     refresh.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR)
@@ -323,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return full_evaluation(args.profile, args.out, args.scenes, args.seeds, args.device, params)
     if args.command == "compare":
         return compare_evaluations(args.base, args.variants, args.by_subject)
+    if args.command == "mirror-check":
+        return print_mirror_checks(args.profile, PRESETS[args.preset] if args.preset else {}, args.device)
     if args.command == "clean-notebooks":
         import nbformat
 
@@ -331,6 +339,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path in refresh_checked_outputs(args.notebooks, args.executed):
         print(f"refreshed {path}")
+    return 0
+
+
+def print_mirror_checks(profile: str, params: dict, device: str | None) -> int:
+    """One line per subject: its photos against each other and mirrored, and whether to mirror its training views."""
+    from .notebook import make_config
+    from .scoring import ClipScorer, mirror_check
+
+    config = make_config(profile, **params)
+    scorer = ClipScorer.for_config(config, device)
+    print("| subject | a photo vs its other photos | mirrored | mirror its training views? |\n|---|---|---|---|")
+    for subject in config.subjects:
+        check = mirror_check(scorer, subject.name)
+        advice = ("yes: it looks the same mirrored" if check.looks_the_same_mirrored
+                  else "no: mirrored it looks like another subject")
+        print(f"| {subject.name} | {check.own:.3f} | {check.mirrored:.3f} | {advice} |")
+    print('Set "mirror": True on a subject to mirror half of its training views (notebook 01, subjects).')
     return 0
 
 

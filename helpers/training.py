@@ -62,7 +62,7 @@ def training_fingerprint(config: ProjectConfig, subject: Subject, base_model: st
     if masks:
         fingerprint["masks"] = {p.name: hashlib.sha256(m.read_bytes()).hexdigest()[:16] for p, m in zip(paths, masks)}
         fingerprint["mask_background_weight"] = config.mask_background_weight
-    if not config.random_flip:
+    if not subject.mirrors_views(config.random_flip):
         fingerprint["random_flip"] = False
     return fingerprint
 
@@ -196,7 +196,8 @@ def prepare_training_data(models: ModelBundle, config: ProjectConfig, subject: S
     masks = load_subject_masks(config, subject) if config.mask_background_weight < 1 else None
     masks = [m.resize(p.size, Image.BILINEAR) for m, p in zip(masks, photos)] if masks else [None] * len(photos)
     rng = random.Random(config.seed)
-    pairs = [augment_with_mask(photo, mask, config.train_resolution, rng, config.random_flip)
+    flip = subject.mirrors_views(config.random_flip)
+    pairs = [augment_with_mask(photo, mask, config.train_resolution, rng, flip)
              for photo, mask in zip(photos, masks) for _ in range(VIEWS_PER_PHOTO)]
     embeds, pooled = encode_text(models, subject.instance_prompt)
     res = config.train_resolution

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -243,6 +244,24 @@ def test_flips_enter_the_fingerprint_only_when_off(tmp_path):
                           for flip in (True, False))
     assert set(unflipped) - set(flipped) == {"random_flip"}  # LoRAs trained with flips stay current
     assert flipped["settings"] == unflipped["settings"]
+    # a subject's own choice overrides the config's, both ways
+    cat = config.subjects[0]
+    for flip in (True, False):
+        for mirror in (True, False):
+            subject = dataclasses.replace(cat, mirror=mirror)
+            fingerprint = ht.training_fingerprint(config.replace(random_flip=flip), subject, "tiny")
+            assert fingerprint == (flipped if mirror else unflipped)
+
+
+def test_a_subjects_mirror_choice_is_read_from_a_notebook_parameter():
+    from helpers.config import subject_from
+
+    given = dict(name="toy", token="qwe", class_name="toy")
+    assert subject_from(given).mirror is None
+    assert subject_from({**given, "mirror": True}).mirrors_views(False)
+    assert not subject_from({**given, "mirror": False}).mirrors_views(True)
+    with pytest.raises(ValueError, match="mirror must be true, false or absent"):
+        subject_from({**given, "mirror": "yes"})
 
 
 def test_subject_loss_weights_follow_the_mask():

@@ -380,3 +380,32 @@ def test_a_lora_made_for_another_base_model_is_refused_in_one_line(world_config,
     assert "\n" not in str(error.value)
     assert adapter_names(models) == []  # nothing half-loaded stays
     assert not (given.lora_path(given.subjects[0]) / "train_meta.json").exists()
+
+
+def test_the_mirror_check_tells_the_mugs_one_way_stripes_from_the_cats(world_config, world_scorer):
+    """Rendered truth: the mug's stripes run one diagonal (mirrored, the other), the cats' coats look the same either
+    way; the check's verdicts follow, with the mug far below the tolerance and the cats above their own photos."""
+    from helpers.config import WORLD_TWO_CATS
+    from helpers.data import load_subject_photos
+    from helpers.scoring import MIRROR_TOLERANCE, mirror_check
+
+    cat2 = WORLD_TWO_CATS[1]
+    references = {**world_scorer.references, "cat2": load_subject_photos(world_config, cat2, min_size=64),
+                  "one photo": world_scorer.references["cat"][:1]}
+    scorer = ClipScorer(world_scorer.model, world_scorer.preprocess, world_scorer.tokenizer, references,
+                        world_scorer.device, world_scorer.name)  # the module's scorer keeps its two subjects
+    checks = {name: mirror_check(scorer, name) for name in ("cat", "mug", "cat2")}
+    print({name: (round(c.own, 3), round(c.mirrored, 3)) for name, c in checks.items()})
+    assert not checks["mug"].looks_the_same_mirrored
+    assert checks["mug"].own - checks["mug"].mirrored > 3 * MIRROR_TOLERANCE
+    assert checks["cat"].looks_the_same_mirrored and checks["cat2"].looks_the_same_mirrored
+    with pytest.raises(ValueError, match="it needs two or more"):
+        mirror_check(scorer, "one photo")
+
+
+def test_helpers_mirror_check_prints_one_advice_per_subject(capsys):
+    from helpers.run import main
+
+    assert main(["mirror-check", "--profile", "world", "--device", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| cat ", "| mug "))]
+    assert [row.split("|")[4].strip().split(":")[0] for row in rows] == ["yes", "no"]
