@@ -328,7 +328,8 @@ class ProjectConfig:
         return {name: getattr(self, name) for name in HASHED_FIELDS}
 
     def summary(self) -> str:
-        subjects = ", ".join(f"{s.name} ({s.token} {s.class_name})" for s in self.subjects)
+        own_choice = {None: "", True: ", mirrored views", False: ", no mirrored views"}
+        subjects = ", ".join(f"{s.name} ({s.token} {s.class_name}{own_choice[s.mirror]})" for s in self.subjects)
         return (f"profile={self.profile} resolution={self.resolution} steps={self.steps} seed={self.seed}\n"
                 f"subjects: {subjects}\n"
                 f"train: steps={self.train_steps} rank={self.lora_rank} lr={self.learning_rate:g} "

@@ -253,7 +253,7 @@ def test_flips_enter_the_fingerprint_only_when_off(tmp_path):
             assert fingerprint == (flipped if mirror else unflipped)
 
 
-def test_a_subjects_mirror_choice_is_read_from_a_notebook_parameter():
+def test_a_subjects_mirror_choice_is_read_from_a_notebook_parameter(tmp_path):
     from helpers.config import subject_from
 
     given = dict(name="toy", token="qwe", class_name="toy")
@@ -262,6 +262,9 @@ def test_a_subjects_mirror_choice_is_read_from_a_notebook_parameter():
     assert not subject_from({**given, "mirror": False}).mirrors_views(True)
     with pytest.raises(ValueError, match="mirror must be true, false or absent"):
         subject_from({**given, "mirror": "yes"})
+    config = make_config("tiny", output_dir=str(tmp_path), subjects=[{**given, "mirror": True}, dict(given, name="mug", token="zwx")])
+    assert "subjects: toy (qwe toy, mirrored views), mug (zwx toy)\n" in config.summary()
+    assert config.from_json(config.to_json()).subjects == config.subjects  # the saved config keeps the choice
 
 
 def test_subject_loss_weights_follow_the_mask():
