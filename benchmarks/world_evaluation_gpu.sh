@@ -17,8 +17,9 @@ for name in "$@"; do
     no-ghost-cleanup) extra=(-p ghost_cleanup_rounds 0) ;;
     flips) extra=(-p random_flip True) ;;  # main with the LoRAs' training views mirrored half of the time
     two-cats-flips) extra=(--preset two-cats -p random_flip True) ;;
-    cat-mirrored) extra=(-p subjects "[{'name': 'cat', 'token': 'sks', 'class_name': 'cat', 'data_dir': 'data/world/cat',
-      'mirror': True}, {'name': 'mug', 'token': 'zwx', 'class_name': 'mug', 'data_dir': 'data/world/mug'}]") ;;  # as mirror-check advises
+    cat-mirrored)  # main with the cat's views mirrored, as mirror-check advises (the mug's not)
+      extra=(-p subjects "[{'name': 'cat', 'token': 'sks', 'class_name': 'cat', 'data_dir': 'data/world/cat',
+        'mirror': True}, {'name': 'mug', 'token': 'zwx', 'class_name': 'mug', 'data_dir': 'data/world/mug'}]") ;;
     inpaint-gate)
       python3 -c "
 from helpers.notebook import make_config; from helpers.models import load_models; from helpers.scoring import ClipScorer

@@ -262,7 +262,8 @@ def test_a_subjects_mirror_choice_is_read_from_a_notebook_parameter(tmp_path):
     assert not subject_from({**given, "mirror": False}).mirrors_views(True)
     with pytest.raises(ValueError, match="mirror must be true, false or absent"):
         subject_from({**given, "mirror": "yes"})
-    config = make_config("tiny", output_dir=str(tmp_path), subjects=[{**given, "mirror": True}, dict(given, name="mug", token="zwx")])
+    subjects = [{**given, "mirror": True}, dict(given, name="mug", token="zwx")]
+    config = make_config("tiny", output_dir=str(tmp_path), subjects=subjects)
     assert "subjects: toy (qwe toy, mirrored views), mug (zwx toy)\n" in config.summary()
     assert config.from_json(config.to_json()).subjects == config.subjects  # the saved config keeps the choice
 
