@@ -216,8 +216,9 @@ def optional_dino_scorer(config: ProjectConfig, scorer: ClipScorer) -> DinoScore
 @dataclass(frozen=True)
 class MirrorCheck:
     """Whether a subject looks the same mirrored, to the scorer: ``own`` is how much a photo resembles the subject's
-    other photos, ``mirrored`` how much a mirrored photo does. Text, a logo, a patch on one side or diagonal stripes
-    make ``mirrored`` the lower; such a subject's LoRA must not train on mirrored views (``Subject.mirror``)."""
+    other photos, ``mirrored`` how much a mirrored photo does. Where it is lower the subject has a handedness (the
+    world's mug: stripes one diagonal), and its LoRA must not train on mirrored views (``Subject.mirror``). A "yes" is
+    advice: the world's scorer did not see a red band painted on one side of the cat's photos."""
 
     subject: str
     own: float
