@@ -242,7 +242,7 @@ def mirror_check(scorer: ClipScorer, subject: str) -> MirrorCheck:
     own = scorer.reference_embeddings(subject)
     mirrored = scorer.embed_images([ImageOps.mirror(p.convert("RGB")) for p in photos])
     others = ~torch.eye(len(photos), dtype=torch.bool, device=own.device)
-    return MirrorCheck(subject, float((own @ own.T)[others].mean()), float((mirrored @ own.T)[others].mean()))
+    return MirrorCheck(subject, scorer.reference_similarity(subject), float((mirrored @ own.T)[others].mean()))
 
 
 class Evaluator:

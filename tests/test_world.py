@@ -384,7 +384,7 @@ def test_a_lora_made_for_another_base_model_is_refused_in_one_line(world_config,
 
 def test_the_mirror_check_tells_the_mugs_one_way_stripes_from_the_cats(world_config, world_scorer):
     """Rendered truth: the mug's stripes run one diagonal (mirrored, the other), the cats' coats look the same either
-    way; the check's verdicts follow, with the mug far below the tolerance and the cats above their own photos."""
+    way; the check's verdicts follow, with the mug far below the tolerance and the cats within it."""
     from helpers.config import WORLD_TWO_CATS
     from helpers.data import load_subject_photos
     from helpers.scoring import MIRROR_TOLERANCE, mirror_check
